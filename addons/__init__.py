@@ -1,0 +1,32 @@
+"""Portcullis mitmproxy addons, in the order they must run.
+
+targets → identity → policy → approvals → credentials → masking → audit → recorder
+
+Targets runs first so that every refusal, including an authentication failure, is rendered in
+the target's own language (a Kubernetes `Status` for Kubernetes targets).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def make_addons(runtime: Any) -> list[Any]:
+    from addons import masking
+    from addons.audit import AuditAddon
+    from addons.credentials import CredentialsAddon
+    from addons.identity import IdentityAddon
+    from addons.policy import PolicyAddon
+    from addons.targets import Targets
+
+    chain: list[Any] = [
+        Targets(runtime.targets),
+        IdentityAddon(runtime.verifier),
+        PolicyAddon(runtime.policies),
+        CredentialsAddon(runtime.targets),
+    ]
+    masking_addon = getattr(masking, "Masking", None)
+    if masking_addon is not None:
+        chain.append(masking_addon(runtime))
+    chain.append(AuditAddon(runtime.audit))
+    return chain

@@ -1,0 +1,302 @@
+"""Audit log: one hash-chained JSON line per decision, one per outcome (SPEC §7).
+
+Engine only (no mitmproxy, no asyncio): both the HTTP addons and proxy_db call
+`AuditLog.decision()` before forwarding and `AuditLog.outcome()` afterwards. The clock is
+injected. If a line cannot be written, `AuditUnavailable` is raised and the caller refuses the
+request: nothing goes upstream unaudited.
+
+Each line is `{... , "prev_hash", "hash"}` where `hash` = SHA-256 over the canonical JSON of the
+line without `hash` (sorted keys, compact separators) and `prev_hash` is the previous line's hash
+(64 zeros for the first line). Editing, deleting or reordering lines breaks the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from addons.model import AuditUnavailable, Decision, Identity
+
+GENESIS = "0" * 64
+
+
+def canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:20]
+
+
+class AuditLog:
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time,
+                 fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self.fsync = fsync
+        self.lock = threading.Lock()
+        self.prev_hash = GENESIS
+        self._fh: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            last = _last_line(self.path)
+            if last:
+                try:
+                    self.prev_hash = json.loads(last)["hash"]
+                except (ValueError, KeyError, TypeError):
+                    # A broken tail: keep chaining from its raw hash so verify names the bad line.
+                    self.prev_hash = hashlib.sha256(last.encode()).hexdigest()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fh = os.fdopen(fd, "ab", buffering=0)
+
+    def close(self) -> None:
+        with self.lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Chain, hash and append one record. Raises AuditUnavailable on any failure."""
+        with self.lock:
+            try:
+                if self._fh is None:
+                    raise OSError("audit log is closed")
+                rec = dict(record)
+                rec["prev_hash"] = self.prev_hash
+                rec["hash"] = record_hash(rec)
+                line = canonical(rec) + b"\n"
+                written = self._fh.write(line)
+                if written != len(line):
+                    raise OSError("short write")
+                if self.fsync:
+                    os.fsync(self._fh.fileno())
+            except (OSError, ValueError, TypeError) as e:
+                raise AuditUnavailable(f"audit log cannot be written: {type(e).__name__}") from e
+            self.prev_hash = rec["hash"]
+            return rec
+
+    def decision(self, *, protocol: str, target: str | None, client: str | None,
+                 identity: Identity | None, operation: dict[str, Any],
+                 decision: Decision | None, effect: str | None = None,
+                 rules: list[str] | None = None, reason: str | None = None,
+                 approval: str | None = None, record_id: str | None = None) -> str:
+        """Write a decision line; returns its id. `effect`/`rules` override for refusals made
+        before policy ran (unauthenticated, unknown target, bad request)."""
+        rid = record_id or new_id()
+        eff = effect or (decision.effect if decision else "deny")
+        rec = {
+            "id": rid,
+            "type": "decision",
+            "time": _iso(self.clock()),
+            "protocol": protocol,
+            "target": target,
+            "client": client,
+            "identity": identity.to_json() if identity else None,
+            "operation": operation,
+            "decision": eff,
+            "rules": list(rules if rules is not None else (decision.rules if decision else [])),
+            "reason": reason if reason is not None else (decision.reason if decision else None),
+            "approval": approval,
+        }
+        self.write(rec)
+        return rid
+
+    def outcome(self, decision_id: str, outcome: dict[str, Any], masked: dict[str, Any] | None,
+                duration_ms: float | None) -> str:
+        rid = new_id()
+        self.write({
+            "id": rid,
+            "type": "outcome",
+            "time": _iso(self.clock()),
+            "decision_id": decision_id,
+            "outcome": outcome,
+            "masked": masked or {"count": 0, "rules": []},
+            "duration_ms": round(duration_ms, 3) if duration_ms is not None else None,
+        })
+        return rid
+
+
+def _last_line(path: Path) -> str:
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        block = b""
+        pos = size
+        while pos > 0:
+            step = min(4096, pos)
+            pos -= step
+            fh.seek(pos)
+            block = fh.read(step) + block
+            if block.rstrip(b"\n").count(b"\n") >= 1:
+                break
+        lines = block.rstrip(b"\n").split(b"\n")
+        return lines[-1].decode("utf-8", "replace") if lines and lines[-1] else ""
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records: int
+    bad_line: int | None = None
+    message: str = ""
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with Path(path).open("r", encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if line.strip():
+                yield n, json.loads(line)
+
+
+def verify_file(path: str | Path) -> VerifyResult:
+    """Check the hash chain; name the first bad line."""
+    prev = GENESIS
+    count = 0
+    ids: set[str] = set()
+    try:
+        fh = Path(path).open("r", encoding="utf-8")
+    except OSError as e:
+        return VerifyResult(False, 0, None, f"cannot read {path}: {e.strerror}")
+    with fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                return VerifyResult(False, count, n, "empty line")
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                return VerifyResult(False, count, n, "not valid JSON")
+            if not isinstance(rec, dict) or "hash" not in rec or "prev_hash" not in rec:
+                return VerifyResult(False, count, n, "missing hash fields")
+            if rec["prev_hash"] != prev:
+                return VerifyResult(False, count, n, "prev_hash does not match the previous "
+                                    "record (line deleted, inserted or reordered)")
+            if record_hash(rec) != rec["hash"]:
+                return VerifyResult(False, count, n, "hash mismatch (record edited)")
+            if rec.get("type") == "outcome" and rec.get("decision_id") not in ids:
+                return VerifyResult(False, count, n, "outcome refers to an unknown decision")
+            ids.add(rec.get("id"))
+            prev = rec["hash"]
+            count += 1
+    return VerifyResult(True, count)
+
+
+# ---------------------------------------------------------------------------------------------
+# mitmproxy adapter
+
+
+def _http_operation_record(flow: Any) -> dict[str, Any]:
+    from addons import flows, masking
+
+    ops = flow.metadata.get(flows.OPERATIONS)
+    if ops:
+        if len(ops) == 1:
+            rec = ops[0].to_json()
+        else:
+            rec = {"operations": [o.to_json() for o in ops],
+                   "summary": "; ".join(o.summary for o in ops)}
+    else:
+        req = flow.request
+        path = req.path.split("?", 1)[0] if req.method != "CONNECT" else ""
+        rec = {"protocol": "http", "summary": f"{req.method} {req.host}:{req.port}{path}"}
+    rec["summary"] = masking.scrub(rec.get("summary", ""))
+    return rec
+
+
+class AuditAddon:
+    """Writes the decision line before a request is forwarded, the outcome line after."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self.decisions = logging.getLogger("portcullis.decisions")
+
+    def _decide_line(self, flow: Any) -> None:
+        from addons import flows
+
+        target = flow.metadata.get(flows.TARGET)
+        identity = flow.metadata.get(flows.IDENTITY)
+        decision = flow.metadata.get(flows.DECISION)
+        refused = flow.metadata.get(flows.REFUSED)
+        effect = rules = reason = None
+        if refused is not None and (decision is None or decision.effect == "allow"):
+            effect, rules, reason = "deny", [refused.error], refused.reason
+        op = _http_operation_record(flow)
+        rid = self.audit.decision(
+            protocol=target.protocol if target else "http",
+            target=target.name if target else None, client=flows.client_address(flow),
+            identity=identity, operation=op, decision=decision, effect=effect, rules=rules,
+            reason=reason, record_id=flows.request_id(flow))
+        flow.metadata[flows.AUDIT_ID] = rid
+        flow.metadata[flows.STARTED] = time.monotonic()
+        self.decisions.info(
+            "%s %s sub=%s target=%s rules=%s id=%s",
+            (effect or (decision.effect if decision else "deny")).upper(), op["summary"],
+            identity.sub if identity else "-", target.name if target else "-",
+            ",".join(rules if rules is not None else (decision.rules if decision else [])) or "-",
+            rid)
+
+    def _guarded(self, flow: Any, proxy: bool) -> None:
+        from addons import flows
+        from addons.model import AuditUnavailable
+
+        try:
+            self._decide_line(flow)
+        except Exception as e:  # noqa: BLE001 - unaudited means refused
+            err = e if isinstance(e, AuditUnavailable) else AuditUnavailable(
+                f"audit failed: {type(e).__name__}")
+            flows.log.error("audit write failed; refusing request %s", flows.request_id(flow))
+            flows.refuse(flow, err, proxy=proxy)
+
+    def http_connect(self, flow: Any) -> None:
+        # Only refusals at CONNECT are decisions; an accepted tunnel carries requests that are
+        # each decided and audited on their own.
+        if flow.response is not None:
+            self._guarded(flow, proxy=True)
+
+    def request(self, flow: Any) -> None:
+        self._guarded(flow, proxy=False)
+
+    def _outcome(self, flow: Any, outcome: dict[str, Any]) -> None:
+        from addons import flows
+
+        rid = flow.metadata.get(flows.AUDIT_ID)
+        if rid is None or flow.metadata.get("portcullis.outcome_written"):
+            return
+        flow.metadata["portcullis.outcome_written"] = True
+        started = flow.metadata.get(flows.STARTED)
+        duration = (time.monotonic() - started) * 1000 if started is not None else None
+        try:
+            self.audit.outcome(rid, outcome, flow.metadata.get(flows.MASKED), duration)
+        except Exception:  # noqa: BLE001 - the response is already on its way; say so loudly
+            flows.log.error("audit outcome for %s could not be written", rid)
+
+    def response(self, flow: Any) -> None:
+        if flow.response is not None:
+            self._outcome(flow, {"status": flow.response.status_code})
+
+    def error(self, flow: Any) -> None:
+        self._outcome(flow, {"error": str(flow.error.msg) if flow.error else "error"})
+
+    def websocket_end(self, flow: Any) -> None:
+        self._outcome(flow, {"status": 101, "websocket": "closed"})

@@ -1,0 +1,142 @@
+"""Start every listener of a config on one event loop: mitmproxy (forward proxy + reverse
+listeners), the Postgres gateway, the admin API, and the policy reloader."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from addons.config import GatewayConfig
+from addons.runtime import Runtime
+
+log = logging.getLogger("portcullis")
+RELOAD_INTERVAL = 0.5
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("portcullis")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def proxy_modes(config: GatewayConfig) -> list[str]:
+    modes = []
+    if config.listen_proxy:
+        host, port = config.listen_proxy
+        modes.append(f"regular@{host}:{port}")
+    for t in config.targets:
+        if t.listen and t.protocol != "postgres":
+            host, port = t.listen
+            modes.append(f"reverse:{t.upstream}@{host}:{port}")
+    return modes
+
+
+def agent_exports(config: GatewayConfig, runtime: Runtime) -> list[str]:
+    ca = runtime.ca_cert_path
+    lines = []
+    if config.listen_proxy:
+        host, port = config.listen_proxy
+        lines += [f"export HTTPS_PROXY=http://agent:$TOKEN@{host}:{port}",
+                  f"export HTTP_PROXY=http://agent:$TOKEN@{host}:{port}"]
+    lines += [f"export SSL_CERT_FILE={ca}", f"export REQUESTS_CA_BUNDLE={ca}"]
+    return lines
+
+
+class Ready:
+    """Prints the banner once every listener is up."""
+
+    def __init__(self, config: GatewayConfig, runtime: Runtime) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.printed = False
+
+    def running(self) -> None:
+        if self.printed:
+            return
+        self.printed = True
+        print_banner(self.config, self.runtime)
+
+
+def print_banner(config: GatewayConfig, runtime: Runtime) -> None:
+    out = [f"Portcullis: CA certificate for agents: {runtime.ca_cert_path}"]
+    if config.listen_proxy:
+        out.append("Portcullis: forward proxy on {}:{}".format(*config.listen_proxy))
+    for t in config.targets:
+        if t.listen and t.protocol != "postgres":
+            out.append(f"Portcullis: reverse listener for {t.name} on {t.listen[0]}:{t.listen[1]}")
+    if config.listen_postgres:
+        out.append("Portcullis: postgres gateway on {}:{}".format(*config.listen_postgres))
+    if config.listen_admin:
+        out.append("Portcullis: admin API on {}:{}".format(*config.listen_admin))
+    out.append("Portcullis: agent environment:")
+    out += ["  " + line for line in agent_exports(config, runtime)]
+    out.append(f"Portcullis ready (audit log: {config.audit_file})")
+    print("\n".join(out), flush=True)
+
+
+async def _reload_loop(runtime: Runtime) -> None:
+    from addons.metrics import POLICY_RELOADS
+
+    while True:
+        await asyncio.sleep(RELOAD_INTERVAL)
+        try:
+            before = runtime.policies.last_error
+            if runtime.policies.check():
+                POLICY_RELOADS.labels("ok").inc()
+            elif runtime.policies.last_error and runtime.policies.last_error != before:
+                POLICY_RELOADS.labels("rejected").inc()
+        except Exception:  # noqa: BLE001 - keep the last good policy and keep watching
+            log.exception("policy reload check failed")
+
+
+async def run(config: GatewayConfig, runtime: Runtime, web: bool = False) -> int:
+    from mitmproxy import options
+
+    from addons import make_addons
+    from addons.ca import ensure_ca
+
+    ensure_ca(config.state_dir)
+    servers: list[Any] = []
+    if config.listen_postgres:
+        from proxy_db import server as pg_server
+
+        servers.append(await pg_server.serve(runtime))
+    if config.listen_admin:
+        from addons import admin
+
+        servers.append(await admin.serve(runtime))
+    reloader = asyncio.create_task(_reload_loop(runtime))
+    modes = proxy_modes(config)
+    try:
+        if not modes:
+            print_banner(config, runtime)
+            await asyncio.Event().wait()
+            return 0
+        opts = options.Options()
+        if web:
+            from mitmproxy.tools.web.master import WebMaster
+
+            master: Any = WebMaster(opts, with_termlog=True)
+        else:
+            from mitmproxy.tools.dump import DumpMaster
+
+            master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        master.addons.add(*make_addons(runtime), Ready(config, runtime))
+        settings: dict[str, Any] = dict(
+            mode=modes, confdir=str(config.state_dir), connection_strategy="lazy",
+            ssl_insecure=False, termlog_verbosity="warn",
+        )
+        if web:
+            settings["web_open_browser"] = False
+        opts.update(**settings)
+        await master.run()
+        return 0
+    finally:
+        reloader.cancel()
+        for s in servers:
+            s.close()
