@@ -20,10 +20,11 @@ def default_config() -> str:
     return os.environ.get("PORTCULLIS_CONFIG", "gateway.yaml")
 
 
-def _load(path: str) -> Any:
+def _load(path: str, resolve_secrets: bool = False) -> Any:
+    """Config for tools that never talk upstream: secrets are not read."""
     from addons.config import load_config
 
-    return load_config(path)
+    return load_config(path, resolve_secrets=resolve_secrets)
 
 
 def cmd_run(args: argparse.Namespace, web: bool = False) -> int:
@@ -33,7 +34,7 @@ def cmd_run(args: argparse.Namespace, web: bool = False) -> int:
     from addons.runtime import build_runtime
 
     try:
-        config = _load(args.config)
+        config = _load(args.config, resolve_secrets=True)
         runtime = build_runtime(config)
     except (ConfigError, PolicyError) as e:
         print(f"portcullis: configuration error: {e}", file=sys.stderr)

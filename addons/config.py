@@ -166,9 +166,10 @@ LIMIT_KEYS = {"max_body_bytes"}
 
 
 class _Ctx:
-    def __init__(self, file: str, base: Path) -> None:
+    def __init__(self, file: str, base: Path, resolve_secrets: bool = True) -> None:
         self.file = file
         self.base = base
+        self.resolve_secrets = resolve_secrets
 
     def err(self, key: str, message: str) -> ConfigError:
         return ConfigError(key, message, self.file)
@@ -194,6 +195,9 @@ class _Ctx:
         env, file = raw.get(f"{stem}_env"), raw.get(f"{stem}_file")
         if env is not None and file is not None:
             raise self.err(f"{key}.{stem}_env", f"give {stem}_env or {stem}_file, not both")
+        if not self.resolve_secrets and (env is not None or file is not None):
+            # Tools that never talk upstream (token, audit, policy) need not see secrets.
+            return Secret("", f"${env}" if env is not None else str(file))
         if env is not None:
             if not isinstance(env, str) or not env:
                 raise self.err(f"{key}.{stem}_env", "must be an environment variable name")
@@ -366,8 +370,8 @@ def _parse_target(raw: Any, i: int, ctx: _Ctx) -> TargetConfig:
                         upstream=upstream, credentials=credentials, tls=tls, database=database)
 
 
-def parse_config(doc: Any, file: str, base: Path) -> GatewayConfig:
-    ctx = _Ctx(file, base)
+def parse_config(doc: Any, file: str, base: Path, resolve_secrets: bool = True) -> GatewayConfig:
+    ctx = _Ctx(file, base, resolve_secrets)
     doc = ctx.mapping(doc, "", TOP_KEYS)
     state_dir = ctx.path(doc.get("state_dir", ".portcullis"), "state_dir")
     listen = ctx.mapping(doc.get("listen"), "listen", LISTEN_KEYS)
@@ -440,7 +444,7 @@ def parse_config(doc: Any, file: str, base: Path) -> GatewayConfig:
     )
 
 
-def load_config(path: str | Path) -> GatewayConfig:
+def load_config(path: str | Path, resolve_secrets: bool = True) -> GatewayConfig:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -450,4 +454,4 @@ def load_config(path: str | Path) -> GatewayConfig:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError("config", f"invalid YAML: {e}", str(p)) from e
-    return parse_config(doc, str(p), p.resolve().parent)
+    return parse_config(doc, str(p), p.resolve().parent, resolve_secrets)

@@ -48,7 +48,11 @@ def is_proxy_request(flow: Any) -> bool:
     """CONNECT or absolute-form request sent to the forward proxy itself (-> 407 on auth)."""
     if is_reverse(flow):
         return False
-    return flow.request.method == "CONNECT" or flow.request.first_line_format == "absolute"
+    if flow.request.method == "CONNECT":
+        return True
+    # Inside a TLS tunnel the request is the agent's own (HTTP/2 requests always carry an
+    # authority, so first_line_format alone cannot tell).
+    return not flow.client_conn.tls_established and flow.request.first_line_format == "absolute"
 
 
 def client_address(flow: Any) -> str | None:

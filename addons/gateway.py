@@ -50,6 +50,8 @@ def agent_exports(config: GatewayConfig, runtime: Runtime) -> list[str]:
 class Ready:
     """Prints the banner once every listener is up."""
 
+    after_banner = ""  # extra text (the demo's copy-paste commands)
+
     def __init__(self, config: GatewayConfig, runtime: Runtime) -> None:
         self.config = config
         self.runtime = runtime
@@ -60,6 +62,8 @@ class Ready:
             return
         self.printed = True
         print_banner(self.config, self.runtime)
+        if self.after_banner:
+            print(self.after_banner, flush=True)
 
 
 def print_banner(config: GatewayConfig, runtime: Runtime) -> None:

@@ -116,7 +116,7 @@ def _segments(path: str) -> list[str]:
 
 
 def _check(regex: re.Pattern[str], value: str, what: str, max_len: int = 253) -> str:
-    if len(value) > max_len or not regex.match(value):
+    if len(value) > max_len or not regex.match(value) or value in (".", ".."):
         raise ValueError(f"invalid {what} {value!r}")
     return value
 
@@ -173,6 +173,7 @@ def classify(method: str, path: str, query: Query | None, headers: Mapping[str, 
              ) -> dict[str, Any]:
     """Classify one Kubernetes API request. Raises ValueError when it cannot be classified."""
     method = (method or "").upper()
+    headers = headers or {}
     items = _query_items(query)
     impersonate = any(k.lower().startswith("impersonate-") for k in headers)
     parts = _segments(path)
