@@ -17,6 +17,7 @@ def make_addons(runtime: Any) -> list[Any]:
     from addons.credentials import CredentialsAddon
     from addons.identity import IdentityAddon
     from addons.policy import PolicyAddon
+    from addons.recorder import Recorder
     from addons.targets import Targets
 
     chain: list[Any] = [
@@ -29,4 +30,5 @@ def make_addons(runtime: Any) -> list[Any]:
     if masking_addon is not None:
         chain.append(masking_addon(runtime))
     chain.append(AuditAddon(runtime.audit))
+    chain.append(Recorder(runtime.config.recordings_dir))
     return chain

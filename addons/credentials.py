@@ -18,6 +18,15 @@ STRIP_PREFIXES = ("impersonate-",)
 STRIP_HEADERS = ("authorization", "proxy-authorization")
 
 
+REDACTED = "[REDACTED:credential]"
+
+
+def redact_secrets(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        text = text.replace(s, REDACTED)
+    return text
+
+
 def headers_to_strip(names: list[str]) -> list[str]:
     return [n for n in names if n.lower() in STRIP_HEADERS or n.lower().startswith(STRIP_PREFIXES)]
 
@@ -48,6 +57,30 @@ class CredentialsAddon:
                 flow.request.headers.pop(name, None)
             for name, value in injected_headers(target.credentials).items():
                 flow.request.headers[name] = value
+
+    def response(self, flow) -> None:  # noqa: ANN001
+        """An upstream that reflects the injected credential (debug echo, error text) must not
+        hand it to the agent: exact occurrences are redacted from headers and body."""
+        from addons import flows
+
+        with flows.guard(flow):
+            target = flow.metadata.get(flows.TARGET)
+            if target is None or flow.response is None or flow.metadata.get(flows.REFUSED):
+                return
+            secrets = [s for s in target.credentials.secrets() if len(s) >= 4]
+            if not secrets:
+                return
+            for name, value in list(flow.response.headers.items()):
+                if any(s in value for s in secrets):
+                    flow.response.headers[name] = redact_secrets(value, secrets)
+            if flow.response.stream:
+                return
+            body = flow.response.get_content(strict=False) or b""
+            if any(s.encode() in body for s in secrets):
+                text = body
+                for s in secrets:
+                    text = text.replace(s.encode(), REDACTED.encode())
+                flow.response.set_content(text)
 
     def tls_start_server(self, tls_start) -> None:  # noqa: ANN001
         """Replace mitmproxy's global upstream TLS settings by the target's own."""

@@ -64,8 +64,11 @@ def test_allowed_request_reaches_upstream_with_injected_credentials(gw: Any, oid
     code, body = curl(gw, url, token, "-H", "Authorization: Bearer agent-supplied",
                       "-H", "Impersonate-User: admin", "-H", "impersonate-group: system:masters")
     assert code == 200, body
-    headers = {k.lower(): v for k, v in body["headers"].items()}
+    headers = {k.lower(): v for k, v in echo_upstream.requests[-1]["headers"].items()}
     assert headers["authorization"] == f"Bearer {UPSTREAM_TOKEN}"
+    # the echo reflected the credential; the agent gets it redacted
+    assert UPSTREAM_TOKEN not in json.dumps(body)
+    assert "[REDACTED:credential]" in json.dumps(body)
     assert "proxy-authorization" not in headers
     assert not any(k.startswith("impersonate-") for k in headers)
     assert token not in json.dumps(body)
@@ -152,3 +155,26 @@ def _cli() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "addons.cli"]
+
+
+def test_recordings_are_readable_and_hold_no_secrets(gw: Any, oidc: Any,
+                                                     echo_upstream: Any) -> None:
+    from mitmproxy import io
+
+    token = oidc.token(groups=["agents"])
+    url = f"https://localhost:{echo_upstream.port}/v1/users/9"
+    code, _ = curl(gw, url, token, "-X", "POST", "-d", "card=4111111111111111",
+                   "-H", f"Authorization: Bearer {token}")
+    assert code == 200
+    curl(gw, f"https://localhost:{echo_upstream.port}/v1/admin/x", token)
+    rec_dir = gw.state_dir / "recordings"
+    files = list(rec_dir.glob("*.mitm"))
+    assert files
+    flows = []
+    with files[0].open("rb") as fh:
+        flows = list(io.FlowReader(fh).stream())
+    paths = [f.request.path for f in flows]
+    assert "/v1/users/9" in paths and "/v1/admin/x" in paths
+    raw = b"".join(p.read_bytes() for p in files)
+    assert token.encode() not in raw
+    assert UPSTREAM_TOKEN.encode() not in raw

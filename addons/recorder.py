@@ -1,0 +1,146 @@
+"""Recordings: sanitised mitmproxy flow files under `audit.recordings` (SPEC §7).
+
+Each finished flow is copied, stripped of everything secret, and appended to
+`recordings/portcullis-YYYYMMDD.mitm`, readable by stock `mitmweb --rfile`:
+- the agent's token and the injected credential never appear: `Authorization`,
+  `Proxy-Authorization`, `Cookie` and the target's credential header are replaced by a marker;
+- request bodies and WebSocket messages are passed through `masking.scrub` (detector hits
+  redacted); responses are recorded as the agent received them (already masked);
+- the query string is scrubbed too.
+A recording failure is logged and counted, never fatal to the request (the audit line, written
+before forwarding, is the record of the decision).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("portcullis.recorder")
+
+SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "set-cookie"}
+MARKER = "[removed by portcullis]"
+
+
+def sanitise_headers(headers: Any, extra: set[str]) -> None:
+    for name in list(headers.keys()):
+        low = name.lower()
+        if low in SECRET_HEADERS or low in extra or low.startswith("impersonate-"):
+            headers[name] = MARKER
+
+
+def scrub_bytes(data: bytes | None) -> bytes | None:
+    from addons import masking
+
+    if not data:
+        return data
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return b"[binary body not recorded]"
+    return masking.scrub(text).encode()
+
+
+class Recorder:
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.lock = threading.Lock()
+        self._files: dict[str, Any] = {}
+
+    def _writer(self) -> Any:
+        from mitmproxy import io
+
+        name = time.strftime("portcullis-%Y%m%d.mitm", time.gmtime())
+        w = self._files.get(name)
+        if w is None:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fh = (self.directory / name).open("ab")
+            w = self._files[name] = (fh, io.FlowWriter(fh))
+        return w
+
+    def sanitised_copy(self, flow: Any) -> Any:
+        from addons import flows, masking
+
+        copy = flow.copy()
+        target = flow.metadata.get(flows.TARGET)
+        extra = set()
+        if target is not None and target.credentials.header:
+            extra.add(target.credentials.header.lower())
+        copy.metadata = {}
+        sanitise_headers(copy.request.headers, extra)
+        copy.request.content = scrub_bytes(copy.request.raw_content and copy.request.content)
+        path, sep, query = copy.request.path.partition("?")
+        if sep:
+            copy.request.path = path + "?" + masking.scrub(query)
+        if copy.response is not None:
+            sanitise_headers(copy.response.headers, set())
+        ws = getattr(copy, "websocket", None)
+        if ws is not None:
+            for m in ws.messages:
+                m.content = scrub_bytes(m.content) or b""
+        return copy
+
+    def record(self, flow: Any) -> None:
+        from addons import flows
+
+        try:
+            copy = self.sanitised_copy(flow)
+            target = flow.metadata.get(flows.TARGET)
+            secrets = [s.encode() for s in (target.credentials.secrets() if target else [])
+                       if len(s) >= 4]
+            if secrets:
+                copy = _without_secrets(copy, secrets)
+            with self.lock:
+                fh, writer = self._writer()
+                writer.add(copy)
+                fh.flush()
+        except Exception:  # noqa: BLE001 - never fatal; the audit line already exists
+            log.exception("could not record flow")
+
+    # mitmproxy hooks
+    def response(self, flow: Any) -> None:
+        if flow.response is not None and flow.response.status_code == 101:
+            return  # a WebSocket: recorded with its messages at websocket_end
+        self.record(flow)
+
+    def error(self, flow: Any) -> None:
+        self.record(flow)
+
+    def websocket_end(self, flow: Any) -> None:
+        self.record(flow)
+
+    def done(self) -> None:
+        with self.lock:
+            for fh, _ in self._files.values():
+                fh.close()
+            self._files.clear()
+
+
+def _without_secrets(flow: Any, secrets: list[bytes]) -> Any:
+    """Belt and braces: no injected credential survives anywhere in the serialised flow."""
+    from mitmproxy.io import tnetstring
+
+    state = flow.get_state()
+    raw = tnetstring.dumps(state)
+    if not any(s in raw for s in secrets):
+        return flow
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, bytes):
+            for s in secrets:
+                v = v.replace(s, MARKER.encode())
+            return v
+        if isinstance(v, str):
+            for s in secrets:
+                v = v.replace(s.decode(), MARKER)
+            return v
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(clean(x) for x in v)
+        return v
+
+    return type(flow).from_state(clean(state))
