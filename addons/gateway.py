@@ -101,10 +101,11 @@ async def _reload_loop(runtime: Runtime) -> None:
 async def run(config: GatewayConfig, runtime: Runtime, web: bool = False) -> int:
     from mitmproxy import options
 
-    from addons import make_addons
+    from addons import make_addons, wire_errors
     from addons.ca import ensure_ca
 
     ensure_ca(config.state_dir)
+    wire_errors.install()
     servers: list[Any] = []
     if config.listen_postgres:
         from proxy_db import server as pg_server

@@ -139,6 +139,20 @@ def test_unknown_target_refused_before_connecting(gw: Any, oidc: Any) -> None:
     assert code == 403 and body["error"] == "unknown_target"
 
 
+def test_upstream_failure_is_502_json(gateway_factory: Any, oidc: Any, test_ca: Any) -> None:
+    from tests.conftest import free_port
+
+    dead = free_port()  # nothing listens here
+    cfg = {"identity": {"issuers": [oidc.config()]},
+           "targets": [{"name": "dead", "protocol": "http", "hosts": [f"localhost:{dead}"]}]}
+    gw = gateway_factory(cfg, {"p.yaml": "rules:\n  - {id: all, effect: allow, when: {}}\n"})
+    token = oidc.token()
+    code, body = curl(gw, f"https://localhost:{dead}/x", token, "--http1.1")
+    assert code == 502 and body["error"] == "upstream_failure", body
+    lines = [json.loads(x) for x in gw.audit_text().splitlines()]
+    assert any(x["type"] == "outcome" and "error" in x["outcome"] for x in lines)
+
+
 def test_audit_verify_command(gw: Any, oidc: Any, echo_upstream: Any) -> None:
     token = oidc.token(groups=["agents"])
     curl(gw, f"https://localhost:{echo_upstream.port}/v1/users/1", token)
