@@ -3,11 +3,12 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
-venv="$here/.venv"
+venv="${PORTCULLIS_VENV:-$here/.venv}"
 
 find_python() {
   local c
   for c in ${PORTCULLIS_PYTHON:-} python3 python3.13 python3.12 python3.11 python; do
+    # pyenv shims exist for versions that are not active: the version check below skips them
     if command -v "$c" >/dev/null 2>&1 &&
        "$c" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
       echo "$c"; return 0
