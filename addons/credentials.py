@@ -27,8 +27,9 @@ def redact_secrets(text: str, secrets: list[str]) -> str:
     return text
 
 
-def headers_to_strip(names: list[str]) -> list[str]:
-    return [n for n in names if n.lower() in STRIP_HEADERS or n.lower().startswith(STRIP_PREFIXES)]
+def headers_to_strip(names: list[str], keep_impersonate: bool = False) -> list[str]:
+    return [n for n in names if n.lower() in STRIP_HEADERS or (
+        not keep_impersonate and n.lower().startswith(STRIP_PREFIXES))]
 
 
 def injected_headers(creds: Credentials) -> dict[str, str]:
@@ -53,7 +54,11 @@ class CredentialsAddon:
             if flow.response is not None:
                 return
             target = flow.metadata[flows.TARGET]
-            for name in headers_to_strip(list(flow.request.headers.keys())):
+            ops = flow.metadata.get(flows.OPERATIONS) or []
+            # Impersonation reaches the upstream only when a rule allowed it explicitly (the
+            # policy engine denies it otherwise, so an allowed decision here means explicit).
+            keep = any(op.kubernetes and op.kubernetes.get("impersonate") for op in ops)
+            for name in headers_to_strip(list(flow.request.headers.keys()), keep):
                 flow.request.headers.pop(name, None)
             for name, value in injected_headers(target.credentials).items():
                 flow.request.headers[name] = value

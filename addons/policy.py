@@ -34,6 +34,9 @@ from addons.model import (
 
 DEFAULT_DENY = "default-deny"
 DEFAULT_DENY_REASON = "no policy rule allows this operation"
+IMPERSONATION_DENIED = RuleMatch(
+    "impersonation-not-allowed", "deny",
+    "Impersonate-* headers need a rule with kubernetes.impersonate: true")
 
 WHEN_KEYS = {"subjects", "groups", "targets", "http", "kubernetes", "sql"}
 HTTP_KEYS = {"methods", "paths"}
@@ -401,7 +404,8 @@ def _path_re(pattern: str) -> re.Pattern[str]:
         else:
             out.append(re.escape(pattern[i]))
             i += 1
-    return re.compile("".join(out) + r"/?\Z", re.DOTALL)
+    # Case-insensitive: many upstreams route `/V1/ADMIN` like `/v1/admin`, so a deny must too.
+    return re.compile("".join(out) + r"/?\Z", re.DOTALL | re.IGNORECASE)
 
 
 def path_match(patterns: Sequence[str], path: str | None) -> bool:
@@ -508,11 +512,17 @@ def matching_rules(policy: PolicySet, identity: Identity | None, op: Operation) 
 
 def decide_operation(policy: PolicySet, identity: Identity | None, op: Operation
                      ) -> OperationDecision:
-    matches = tuple(RuleMatch(r.id, r.effect, r.reason)
-                    for r in matching_rules(policy, identity, op))
+    rules = matching_rules(policy, identity, op)
+    matches = tuple(RuleMatch(r.id, r.effect, r.reason) for r in rules)
     if not matches:
         return OperationDecision(op, "deny", ())
     effect = max((m.effect for m in matches), key=STRICTNESS.__getitem__)
+    if effect != "deny" and op.kubernetes is not None and op.kubernetes.get("impersonate"):
+        # Impersonate-* headers are refused unless a rule allows them by name.
+        explicit = any(r.effect == effect and r.when.get("kubernetes", {}).get("impersonate")
+                       is True for r in rules)
+        if not explicit:
+            return OperationDecision(op, "deny", matches + (IMPERSONATION_DENIED,))
     return OperationDecision(op, effect, matches)
 
 
