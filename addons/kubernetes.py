@@ -19,6 +19,10 @@ The classification follows the API server's own request-info rules (apiserver
 Non-resource URLs (`/version`, `/api`, `/apis`, `/api/v1` discovery, `/openapi/...`, `/healthz`)
 classify as `{"nonresource": True, "resource": None, "verb": <from method>}`; policies usually
 allow them with `http:` conditions.
+
+The second half of the file is the policy-test shorthand (`exec pods/x -n ns -- ls`): it builds
+the request kubectl would send and runs it through `to_operation`, so it lives next to the
+classifier it must stay in step with (hence the file's length).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from addons.model import Operation
+from addons.model import BadRequest, Operation
 
 Query = Mapping[str, list[str]] | Iterable[tuple[str, str]]
 
@@ -57,8 +61,6 @@ _GROUP_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
 # Object names: the API server forbids "/", "%", "." and ".."; we also refuse whitespace, control
 # characters and anything outside the characters real names use (":" for RBAC and proxy ports).
 _NAME_RE = re.compile(r"[A-Za-z0-9._:@+=~-]{1,253}\Z")
-_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
-_FALSE = {"0", "f", "F", "false", "FALSE", "False", ""}
 
 
 def _query_items(query: Query | None) -> list[tuple[str, str]]:
@@ -89,12 +91,12 @@ def _single(items: list[tuple[str, str]], key: str) -> str | None:
 
 
 def _flag(items: list[tuple[str, str]], key: str) -> bool:
+    """A boolean parameter read like the API server does: absent, "0" or "false" (any case)
+    are false; anything else, even an empty value (`?watch`), is true."""
     value = _single(items, key)
-    if value is None or value in _FALSE:
+    if value is None:
         return False
-    if value in _TRUE:
-        return True
-    raise ValueError(f"query parameter {key!r} must be a boolean, got {value!r}")
+    return not (value == "0" or value.lower() == "false")
 
 
 def _segments(path: str) -> list[str]:
@@ -142,13 +144,15 @@ def _field_selector_name(items: list[tuple[str, str]]) -> str | None:
     terms.append("".join(buf))
     name = None
     for term in terms:
-        m = re.match(r"\s*([^=!\s]+)\s*(==|=|!=)(.*)\Z", term, re.DOTALL)
-        if m is None:
+        # as the API server splits a term: the first "!=", else "==", else "="; no trimming
+        op = next((o for o in ("!=", "==", "=") if o in term), None)
+        if op is None:
             raise ValueError(f"unparseable fieldSelector {selector!r}")
-        if m.group(1) == "metadata.name" and m.group(2) != "!=":
-            if "\\" in m.group(3) or name is not None:
+        lhs, _, rhs = term.partition(op)
+        if lhs == "metadata.name" and op != "!=":
+            if "\\" in rhs or name is not None:
                 raise ValueError(f"ambiguous fieldSelector {selector!r}")
-            name = _check(_NAME_RE, m.group(3), "fieldSelector name")
+            name = _check(_NAME_RE, rhs, "fieldSelector name")
     return name
 
 
@@ -285,6 +289,14 @@ def _classify_connect(out: dict[str, Any], method: str, rest: list[str],
         out["command"] = " ".join(argv) if argv else None
 
 
+class UnclassifiableRequest(BadRequest, ValueError):
+    """A Kubernetes request that cannot be classified unambiguously.
+
+    A ValueError for pure callers (policy tooling), and a BadRequest (400, rendered as a
+    Kubernetes Status by the adapter's fail-closed guard) for the gateway.
+    """
+
+
 def fingerprint(target: str, k8s: Mapping[str, Any]) -> str:
     """Stable id of 'the same operation' (approval grants)."""
     blob = json.dumps({"target": target, "kubernetes": dict(k8s)}, sort_keys=True)
@@ -324,8 +336,14 @@ def summary(k8s: Mapping[str, Any], path: str | None = None,
 
 def to_operation(target: str, method: str, path: str, query: Query | None,
                  headers: Mapping[str, str]) -> Operation:
-    """The policy Operation of one Kubernetes request (raises ValueError when unclassifiable)."""
-    k8s = classify(method, path, query, headers)
+    """The policy Operation of one Kubernetes request.
+
+    Raises UnclassifiableRequest (a ValueError and a 400 BadRequest) when unclassifiable.
+    """
+    try:
+        k8s = classify(method, path, query, headers)
+    except ValueError as e:
+        raise UnclassifiableRequest(f"cannot classify this Kubernetes request: {e}") from e
     return Operation(protocol="kubernetes", target=target,
                      summary=summary(k8s, path, headers),
                      http={"method": (method or "").upper(), "path": path},

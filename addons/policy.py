@@ -41,6 +41,10 @@ IMPERSONATION_DENIED = RuleMatch(
 WHEN_KEYS = {"subjects", "groups", "targets", "http", "kubernetes", "sql"}
 HTTP_KEYS = {"methods", "paths"}
 K8S_KEYS = {"verbs", "resources", "subresources", "namespaces", "names", "commands", "impersonate"}
+# Verbs the Kubernetes classifier produces: resource verbs, connect subresources (verb = the
+# subresource name) and lower-case HTTP methods of non-resource URLs.
+K8S_VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection",
+             "exec", "attach", "portforward", "proxy", "post", "put", "options")
 SQL_KEYS = {"statements", "tables", "columns", "functions", "unbounded"}
 RULE_KEYS = {"id", "effect", "reason", "when", "unless", "description"}
 MASK_KEYS = {"id", "when", "unless", "json_paths", "columns", "detectors", "strategy", "reason",
@@ -277,6 +281,14 @@ def _parse_condition(raw: Any, key: str, fname: str, line: int, rule_id: str,
                 items = [m.upper() for m in items]
             elif k in ("statements", "verbs"):
                 items = [s.lower() for s in items]
+                if k == "verbs":
+                    # A misspelt verb would silently never match: a deny that never denies.
+                    for v in items:
+                        if not any(ch in v for ch in "*?[") and v not in K8S_VERBS:
+                            raise PolicyError(
+                                f"{key}.kubernetes.verbs: unknown verb {v!r} (one of "
+                                f"{', '.join(K8S_VERBS)})", file=fname, line=sline,
+                                rule_id=rule_id)
                 if k == "statements":
                     from addons.sql import STATEMENT_KINDS
 
@@ -285,6 +297,10 @@ def _parse_condition(raw: Any, key: str, fname: str, line: int, rule_id: str,
                             raise PolicyError(
                                 f"{key}.sql.statements: unknown statement kind {s!r}",
                                 file=fname, line=sline, rule_id=rule_id)
+            elif k == "resources" and any("/" in r for r in items):
+                raise PolicyError(f"{key}.kubernetes.resources: write pods/exec as resources: "
+                                  "[pods] + subresources: [exec]", file=fname, line=sline,
+                                  rule_id=rule_id)
             elif k == "paths":
                 for p in items:
                     if not p.startswith("/"):
@@ -366,8 +382,13 @@ def _parse_test(raw: Any, fname: str) -> PolicyTest:
         raise PolicyError("test request needs exactly one of http, kubernetes, sql", file=fname,
                           line=line, rule_id=name)
     masked = raw.get("masked")
+    if masked is not None and (not isinstance(masked, list)
+                               or not all(isinstance(m, str) for m in masked)):
+        raise PolicyError("masked: must be a list of paths, columns or mask ids ([] = no mask)",
+                          file=fname, line=line, rule_id=name)
     return PolicyTest(name=name, identity=identity, request=request, expect=expect,
-                      masked=tuple(masked) if masked else None, file=fname, line=line)
+                      masked=tuple(masked) if masked is not None else None, file=fname,
+                      line=line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,27 +454,64 @@ def _match_http(cond: dict[str, Any], op: Operation) -> bool:
     return True
 
 
-def _match_kubernetes(cond: dict[str, Any], op: Operation) -> bool:
+@lru_cache(maxsize=4096)
+def _word_glob_re(pattern: str) -> re.Pattern[str]:
+    """Command globs in narrow mode: `*` stays inside one argument, `**` spans arguments."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^ ]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^ ]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+def _match_kubernetes(cond: dict[str, Any], op: Operation, broad: bool) -> bool:
     k8s = op.kubernetes
     if k8s is None:
         return False
+    if k8s.get("nonresource") and not broad:
+        return False  # non-resource URLs are allowed with http: conditions only
     checks = (
         ("verbs", k8s.get("verb")),
         ("resources", _k8s_resource_name(k8s)),
         ("subresources", k8s.get("subresource")),
         ("namespaces", k8s.get("namespace")),
         ("names", k8s.get("name")),
-        ("commands", k8s.get("command")),
     )
     for key, value in checks:
         if key in cond and not glob_match(cond[key], value):
+            return False
+    sub = k8s.get("subresource")
+    if not broad and "resources" in cond and "subresources" not in cond and sub and (
+            sub != k8s.get("verb") or "verbs" not in cond):
+        # An allow on a resource does not reach its subresources (log, status, …) unless they
+        # are named; exec/attach/portforward/proxy are named by their verb.
+        return False
+    if "commands" in cond:
+        command = k8s.get("command")
+        if command is None:
+            return False
+        if broad:
+            if not glob_match(cond["commands"], command):
+                return False
+        elif not any(_word_glob_re(p).match(command) for p in cond["commands"]):
             return False
     if "impersonate" in cond and bool(k8s.get("impersonate")) != cond["impersonate"]:
         return False
     return True
 
 
-def _match_sql(cond: dict[str, Any], op: Operation) -> bool:
+def _match_sql(cond: dict[str, Any], op: Operation, broad: bool) -> bool:
     sql = op.sql
     if sql is None:
         return False
@@ -469,20 +527,25 @@ def _match_sql(cond: dict[str, Any], op: Operation) -> bool:
         bare = table.split(".", 1)[-1]
         if not (glob_match(cond["tables"], table) or glob_match(cond["tables"], bare)):
             return False
-    if "columns" in cond:
-        cols = sql.get("columns") or []
-        if not any(glob_match(cond["columns"], c) for c in cols):
-            return False
-    if "functions" in cond:
-        funcs = sql.get("functions") or []
-        if not any(glob_match(cond["functions"], f) for f in funcs):
-            return False
+    # Broad (deny): any referenced column/function in the list matches. Narrow (allow): every
+    # referenced column/function must be in the list.
+    for key in ("columns", "functions"):
+        if key in cond:
+            used = sql.get(key) or []
+            hits = [glob_match(cond[key], c) for c in used]
+            if not (any(hits) if broad else all(hits)):
+                return False
     if "unbounded" in cond and bool(sql.get("unbounded")) != cond["unbounded"]:
         return False
     return True
 
 
-def condition_matches(cond: dict[str, Any], identity: Identity | None, op: Operation) -> bool:
+def condition_matches(cond: dict[str, Any], identity: Identity | None, op: Operation,
+                      broad: bool = True) -> bool:
+    """`broad` is how deny rules (and the `unless` of allow rules, and masks) match: when in
+    doubt, match. Allow/review rules match narrowly: when in doubt, don't. The difference shows
+    only where a condition is a set question — subresources of a resource, command globs across
+    arguments, the columns/functions a statement uses, non-resource Kubernetes URLs."""
     if "subjects" in cond and (identity is None or not glob_match(cond["subjects"], identity.sub)):
         return False
     if "groups" in cond:
@@ -492,22 +555,23 @@ def condition_matches(cond: dict[str, Any], identity: Identity | None, op: Opera
         return False
     if "http" in cond and not _match_http(cond["http"], op):
         return False
-    if "kubernetes" in cond and not _match_kubernetes(cond["kubernetes"], op):
+    if "kubernetes" in cond and not _match_kubernetes(cond["kubernetes"], op, broad):
         return False
-    if "sql" in cond and not _match_sql(cond["sql"], op):
+    if "sql" in cond and not _match_sql(cond["sql"], op, broad):
         return False
     return True
 
 
 def _applies(when: dict[str, Any], unless: dict[str, Any] | None, identity: Identity | None,
-             op: Operation) -> bool:
-    if not condition_matches(when, identity, op):
+             op: Operation, broad: bool) -> bool:
+    if not condition_matches(when, identity, op, broad):
         return False
-    return not (unless is not None and condition_matches(unless, identity, op))
+    return not (unless is not None and condition_matches(unless, identity, op, not broad))
 
 
 def matching_rules(policy: PolicySet, identity: Identity | None, op: Operation) -> list[Rule]:
-    return [r for r in policy.rules if _applies(r.when, r.unless, identity, op)]
+    return [r for r in policy.rules
+            if _applies(r.when, r.unless, identity, op, broad=r.effect == "deny")]
 
 
 def decide_operation(policy: PolicySet, identity: Identity | None, op: Operation
@@ -559,7 +623,7 @@ def evaluate(policy: PolicySet, identity: Identity | None, operations: Sequence[
 
 def matching_masks(policy: PolicySet, identity: Identity | None, op: Operation) -> list[MaskRule]:
     """Every mask whose when matches (and unless does not) applies."""
-    return [m for m in policy.masks if _applies(m.when, m.unless, identity, op)]
+    return [m for m in policy.masks if _applies(m.when, m.unless, identity, op, broad=True)]
 
 
 # ---------------------------------------------------------------------------------------------
