@@ -23,7 +23,7 @@ rules:
     when: {kubernetes: {commands: ["rm *"]}}
   - id: get-only
     effect: allow
-    when: {kubernetes: {verbs: [get]}}
+    when: {targets: [other], kubernetes: {verbs: [get]}}
   - id: select-safe-columns
     effect: allow
     when: {sql: {statements: [select], tables: [users], columns: [id, name]}}
@@ -63,7 +63,7 @@ def test_deny_command_glob_spans_arguments(tmp_path: Path) -> None:
 
 
 def test_kubernetes_allow_never_matches_non_resource_urls(tmp_path: Path) -> None:
-    op = parse_shorthand("get /logs/", "k")
+    op = parse_shorthand("get /logs/", "other")
     assert decide(tmp_path, op) == ("deny", "default-deny")
 
 
