@@ -12,15 +12,18 @@ the server than in the parser) and switching `client_encoding` away from UTF-8. 
 `search_path` adds an `other` operation because later unqualified names (reported as
 `public.name`) would no longer mean what the classifier says. See docs/sql.md.
 
-Output-column lineage for result masking (`output_column_sources`) uses sqlglot.
+Output-column lineage for result masking (`output_column_sources`) lives in
+addons/sql_lineage.py (sqlglot), imported only when used. This file is longer than the house
+~400 lines because the tree walker and its handler table are one unit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Any
 
 import pgparse
@@ -109,7 +112,7 @@ _KIND_OF = {
     "VacuumStmt": "maintenance", "ClusterStmt": "maintenance", "ReindexStmt": "maintenance",
     "CheckPointStmt": "maintenance", "RefreshMatViewStmt": "maintenance",
     "ListenStmt": "listen_notify", "UnlistenStmt": "listen_notify", "NotifyStmt": "listen_notify",
-    "FetchStmt": "select",
+    "FetchStmt": "select", "ClosePortalStmt": "deallocate",
 }
 # DROP objects that name relations (their names become tables)
 _DROP_RELATIONS = {"OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_SEQUENCE",
@@ -125,6 +128,7 @@ ts_stat dblink dblink_exec dblink_open dblink_fetch dblink_send_query dblink_get
 _SKIP = frozenset(("String", "A_Const", "Integer", "Float", "Boolean", "BitString", "ParamRef",
                    "SQLValueFunction", "TypeName", "A_Star", "RoleSpec", "Alias"))
 _ROLE_GUCS = ("role", "session_authorization")
+TOP = "<statement>"  # walker context: a node in statement position (not a kind)
 
 
 def _const_str(node: Any) -> str | None:
@@ -210,6 +214,10 @@ class _Walker:
         self.stmt = _Stmt()
         self.executes: list[str] = []
         self.events: list[tuple[Any, ...]] = []
+        # True once the outcome depended on a constant's value (SET, set_config): such a
+        # classification must not be shared by texts that differ only in constants.
+        self.read_constants = False
+        self.default_schema = "public"  # CREATE SCHEMA s CREATE TABLE t creates s.t
 
     # -- generic traversal ----------------------------------------------------------------
     def walk(self, node: Any, kind: str, ctes: frozenset[str]) -> None:
@@ -271,11 +279,13 @@ class _Walker:
         if rv.get("relpersistence") == "t":
             return [f"pg_temp.{rel}"]
         if rel.startswith("pg_"):  # pg_catalog is searched before public
-            return [f"pg_catalog.{rel}", f"public.{rel}"]
-        return [f"public.{rel}"]
+            return [f"pg_catalog.{rel}", f"{self.default_schema}.{rel}"]
+        return [f"{self.default_schema}.{rel}"]
 
     def range_var(self, rv: dict[str, Any], kind: str, ctes: frozenset[str],
                   unbounded: bool = False) -> list[str]:
+        if kind == TOP:
+            kind = "other"
         names = self.table_name(rv, ctes)
         for table in names:
             self.stmt.add(kind, table, unbounded)
@@ -304,6 +314,7 @@ class _Walker:
         self.fields(body, kind, ctes, skip=("funcname",))
 
     def set_config(self, args: list[Any]) -> None:
+        self.read_constants = True
         name = _const_str(args[0]) if args else None
         self.stmt.mark("set")
         if name is None:
@@ -330,7 +341,10 @@ class _Walker:
         return everything
 
     def select(self, body: dict[str, Any], kind: str, ctes: frozenset[str]) -> None:
-        self.stmt.mark("select")
+        # A SELECT in statement position is a select even when it reads no table; nested ones
+        # (subqueries, CTE bodies, INSERT ... VALUES) only count through the tables they read.
+        if kind == TOP:
+            self.stmt.mark("select")
         inner = self.with_clause(body, ctes)
         into = body.get("intoClause")
         if into:
@@ -381,13 +395,14 @@ class _Walker:
                 if name:
                     self.stmt.targets.extend((t, name) for t in tables)
         if body.get("query"):
-            self.walk(body["query"], "select", ctes)
+            self.walk(body["query"], TOP, ctes)
             for k, t in list(self.stmt.ops):
                 if k == "select":  # COPY (query) TO exports what the query reads
                     self.stmt.add(ck, t)
         self.fields(body, ck, ctes, skip=("relation", "query", "attlist"))
 
     def variable_set(self, body: dict[str, Any], kind: str, ctes: frozenset[str]) -> None:
+        self.read_constants = True
         name = (body.get("name") or "").lower()
         vkind = body.get("kind", "")
         if name in _ROLE_GUCS:
@@ -407,7 +422,7 @@ class _Walker:
         self.stmt.mark("prepare")
         outer, self.stmt = self.stmt, _Stmt()
         try:
-            self.walk(body.get("query"), "select", ctes)
+            self.walk(body.get("query"), TOP, ctes)
             inner = tuple(self.stmt.finish())
         finally:
             self.stmt = outer
@@ -448,7 +463,7 @@ class _Walker:
 
     def explain(self, body: dict[str, Any], kind: str, ctes: frozenset[str]) -> None:
         self.stmt.mark("explain")
-        self.walk(body.get("query"), "select", ctes)
+        self.walk(body.get("query"), TOP, ctes)
 
     def call(self, body: dict[str, Any], kind: str, ctes: frozenset[str]) -> None:
         self.stmt.mark("call")
@@ -458,17 +473,36 @@ class _Walker:
         self.stmt.mark("select")
 
     def cursor(self, body: dict[str, Any], kind: str, ctes: frozenset[str]) -> None:
-        self.walk(body.get("query"), "select", ctes)  # DECLARE c CURSOR FOR <query>
+        self.walk(body.get("query"), TOP, ctes)  # DECLARE c CURSOR FOR <query>
 
     def create_as(self, body: dict[str, Any], kind: str, ctes: frozenset[str]) -> None:
         self.stmt.mark("create")
         self.range_var((body.get("into") or {}).get("rel") or {}, "create", frozenset())
-        self.walk(body.get("query"), "select", ctes)
+        self.walk(body.get("query"), TOP, ctes)
+
+    def create_schema(self, body: dict[str, Any], kind: str, ctes: frozenset[str]) -> None:
+        saved = self.default_schema
+        self.default_schema = body.get("schemaname") or saved
+        try:
+            self.statement("CreateSchemaStmt", body, ctes)
+        finally:
+            self.default_schema = saved
+
+    def set_elsewhere(self, name: str, body: dict[str, Any], ctes: frozenset[str]) -> None:
+        """ALTER SYSTEM / DATABASE / ROLE ... SET: later sessions get the setting."""
+        self.statement(name, body, ctes)
+        setstmt = body.get("setstmt")
+        if isinstance(setstmt, dict):
+            self.read_constants = True
+            args = setstmt.get("args") or []
+            value = ",".join(v for v in (_const_str(a) for a in args) if v is not None)
+            _check_guc((setstmt.get("name") or "").lower(), value,
+                       reset=setstmt.get("kind") != "VAR_SET_VALUE")
 
     def view(self, body: dict[str, Any], kind: str, ctes: frozenset[str]) -> None:
         self.stmt.mark("create")
         self.range_var(body.get("view") or {}, "create", frozenset())
-        self.walk(body.get("query"), "select", ctes)
+        self.walk(body.get("query"), TOP, ctes)
 
 
 def _narrows(where: Any) -> bool:
@@ -511,6 +545,11 @@ _HANDLERS: dict[str, Any] = {
     "DeclareCursorStmt": _Walker.cursor,
     "CreateTableAsStmt": _Walker.create_as,
     "ViewStmt": _Walker.view,
+    "CreateSchemaStmt": _Walker.create_schema,
+    "AlterSystemStmt": lambda w, b, k, c: w.set_elsewhere("AlterSystemStmt", b, c),
+    "AlterDatabaseSetStmt": lambda w, b, k, c: w.set_elsewhere("AlterDatabaseSetStmt", b, c),
+    "AlterRoleSetStmt": lambda w, b, k, c: w.set_elsewhere("AlterRoleSetStmt", b, c),
+    "ReturnStmt": lambda w, b, k, c: w.fields(b, k, c),  # RETURN expr of an SQL function body
 }
 
 
@@ -655,40 +694,102 @@ def _statement_texts(sql: str, tree: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
-def classify(sql: str) -> Classification:
-    """Classify one message (one or more statements). Raises SqlError, and nothing else."""
+def _classify(sql: str, normalized: str | None = None) -> tuple[Classification, bool]:
+    """Classification and whether it holds for every text with the same normalised form."""
     tree = _parse(sql)
     walker = _Walker()
     ops: list[SqlOp] = []
     try:
         for item in tree:
             walker.stmt = _Stmt()
-            walker.walk(item.get("stmt"), "other", frozenset())
+            walker.walk(item.get("stmt"), TOP, frozenset())
             ops.extend(walker.stmt.finish())
-        texts = _statement_texts(sql, tree)
-        fingerprints = tuple(pgparse.fingerprint(t) for t in texts)
-        normalized = scrub(pgparse.normalize(sql)) if tree else ""
+        if len(tree) == 1:
+            fingerprints: tuple[str, ...] = (pgparse.fingerprint(sql),)
+        else:
+            fingerprints = tuple(pgparse.fingerprint(t) for t in _statement_texts(sql, tree))
+        if normalized is None:
+            normalized = pgparse.normalize(sql) if tree else ""
+        text = scrub(normalized)
     except SqlError:
         raise
     except RecursionError:
         raise SqlError("statement nested too deeply") from None
     except Exception as exc:  # a tree shape this walker does not know: refuse, never guess
         raise SqlError(f"statement cannot be classified: {type(exc).__name__}") from None
-    return Classification(operations=_merge(ops), statements=len(tree),
-                          fingerprints=fingerprints, normalized=normalized, key=cache_key(sql),
-                          executes=tuple(walker.executes), events=tuple(walker.events))
+    result = Classification(operations=_merge(ops), statements=len(tree),
+                            fingerprints=fingerprints, normalized=text, key=cache_key(sql),
+                            executes=tuple(walker.executes), events=tuple(walker.events))
+    return result, not walker.read_constants
 
 
-@lru_cache(maxsize=4096)
-def _classify_lru(sql: str) -> Classification:
-    return classify(sql)
+def classify(sql: str) -> Classification:
+    """Classify one message (one or more statements). Raises SqlError, and nothing else."""
+    return _classify(sql)[0]
+
+
+class _LRU:
+    """A small thread-safe LRU mapping."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data: OrderedDict[str, Classification] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: str) -> Classification | None:
+        with self.lock:
+            val = self.data.get(key)
+            if val is not None:
+                self.data.move_to_end(key)
+            return val
+
+    def put(self, key: str, val: Classification) -> None:
+        with self.lock:
+            self.data[key] = val
+            self.data.move_to_end(key)
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.data.clear()
+
+
+_BY_TEXT = _LRU(2048)
+_BY_NORMALIZED = _LRU(4096)
 
 
 def classify_cached(sql: str) -> Classification:
-    """classify() with an LRU keyed by the exact text (Classification is immutable)."""
-    if isinstance(sql, str) and len(sql) <= _CACHED_MAX_CHARS:
-        return _classify_lru(sql)
-    return classify(sql)
+    """classify() behind two LRUs: the exact text, then pgparse's normalised text.
+
+    The second one lets `... WHERE id = 1` and `... WHERE id = 2` share one walk. It is only
+    filled with classifications that read no constant (SET, set_config do), and is looked up
+    only after pgparse.normalize parsed the new text and found its constants at the same
+    places: the two texts then differ in constant values only, which did not matter.
+    """
+    if not isinstance(sql, str) or len(sql) > _CACHED_MAX_CHARS:
+        return classify(sql)
+    hit = _BY_TEXT.get(sql)
+    if hit is not None:
+        return hit
+    try:
+        normalized = pgparse.normalize(sql) if "\x00" not in sql else None
+    except Exception:
+        normalized = None  # classify() below reports the error properly
+    shared = _BY_NORMALIZED.get(normalized) if normalized is not None else None
+    if shared is not None:
+        result = replace(shared, key=cache_key(sql))
+    else:
+        result, constant_free = _classify(sql, normalized)
+        if constant_free and normalized is not None:
+            _BY_NORMALIZED.put(normalized, result)
+    _BY_TEXT.put(sql, result)
+    return result
+
+
+def clear_caches() -> None:
+    _BY_TEXT.clear()
+    _BY_NORMALIZED.clear()
 
 
 class PreparedRegistry:
@@ -755,3 +856,13 @@ def to_operations(classification: Classification, target: str) -> list[Operation
         out.append(Operation(protocol="postgres", target=target, summary=f"{head}: {text}",
                              sql=op.to_dict(), fingerprint=classification.key))
     return out
+
+
+def output_column_sources(sql: str, schema: dict[str, dict[str, str]] | None = None,
+                          views: dict[str, str] | None = None) -> list[set[str]] | None:
+    """For each output column, the `table.column`s it is computed from; None when unknown.
+
+    See addons/sql_lineage.py (sqlglot is imported only when result masking needs it)."""
+    from addons.sql_lineage import output_column_sources as lineage
+
+    return lineage(sql, schema, views)
