@@ -36,11 +36,30 @@ def prepare_state(config_path: Path) -> Path:
         serialization.NoEncryption()))
     key_path.chmod(0o600)
     (demo_dir / "upstream-ca.pem").write_bytes(store.default_ca.to_pem())
-    token_file = demo_dir / "sample-api.token"
-    if not token_file.exists():
-        token_file.write_text(secrets.token_urlsafe(24))
-        token_file.chmod(0o600)
+    for name in ("sample-api.token", "k8s.token"):
+        token_file = demo_dir / name
+        if not token_file.exists():
+            token_file.write_text(secrets.token_urlsafe(24))
+            token_file.chmod(0o600)
     return demo_dir
+
+
+def write_kubeconfig(config: GatewayConfig, k8s: TargetConfig) -> Path:
+    """A kubeconfig for the reverse listener; the agent passes its JWT with --token."""
+    assert k8s.listen is not None
+    host, port = k8s.listen
+    path = config.state_dir / "demo" / "kubeconfig"
+    doc = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "demo",
+        "clusters": [{"name": "demo", "cluster": {
+            "server": f"https://{host}:{port}",
+            "certificate-authority": str(config.state_dir / "mitmproxy-ca-cert.pem")}}],
+        "users": [{"name": "agent", "user": {}}],
+        "contexts": [{"name": "demo", "context": {"cluster": "demo", "user": "agent",
+                                                  "namespace": "team-a"}}],
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
 
 
 def _target(config: GatewayConfig, protocol: str) -> TargetConfig | None:
@@ -57,6 +76,15 @@ def start_upstreams(config: GatewayConfig, demo_dir: Path) -> list[Any]:
         started.append(SampleAPI("127.0.0.1", port or 443, str(demo_dir / "upstream-cert.pem"),
                                  str(demo_dir / "upstream-key.pem"),
                                  api.credentials.token.reveal()).start())
+    k8s = _target(config, "kubernetes")
+    if k8s is not None and k8s.hosts:
+        from demo.k8s_api import FakeKubeAPI
+
+        started.append(FakeKubeAPI(
+            port=k8s.hosts[0][1] or 443, directory=demo_dir / "k8s",
+            token=k8s.credentials.token.reveal() if k8s.credentials.token else None,
+            tls_files=(demo_dir / "upstream-cert.pem", demo_dir / "upstream-key.pem",
+                       demo_dir / "upstream-ca.pem")).start())
     return started
 
 
@@ -84,6 +112,16 @@ def commands(config: GatewayConfig) -> str:
                   "# no token, no access",
                   f"curl -s --proxy http://{config.listen_proxy[0]}:{config.listen_proxy[1]} "
                   f"{base}/v1/users" if config.listen_proxy else ""]
+    k8s = _target(config, "kubernetes")
+    if k8s is not None and k8s.listen:
+        kc = write_kubeconfig(config, k8s)
+        kubectl = f"kubectl --kubeconfig {kc} --token \"$TOKEN\""
+        lines += ["",
+                  "# Kubernetes (look-alike API) through the reverse listener",
+                  f"{kubectl} get pods",
+                  f"{kubectl} exec web-1 -- ls",
+                  "# denied: a shell is not an allowed command",
+                  f"{kubectl} exec -i web-1 -- sh"]
     lines += ["", "# what masks and rules apply, and why",
               f"./mitm.sh policy explain{cfg} --sub agent-7 --groups agents "
               f"--target {api.name if api else 'sample-api'} --http 'GET /v1/users'",
@@ -118,4 +156,4 @@ def main(args: argparse.Namespace) -> int:
         return 0
     finally:
         for u in upstreams:
-            u.close()
+            u.stop()

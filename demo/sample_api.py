@@ -75,6 +75,6 @@ class SampleAPI:
         self.thread.start()
         return self
 
-    def close(self) -> None:
+    def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,12 +28,15 @@ def demo(tmp_path: Path) -> Any:
     cfg["policies"] = str(ROOT / "policies")
     cfg["listen"]["proxy"] = f"127.0.0.1:{free_port()}"
     cfg["listen"]["admin"] = f"127.0.0.1:{free_port()}"
-    api_port = free_port()
     for t in cfg["targets"]:
-        if t["protocol"] == "http":
-            t["hosts"] = [f"localhost:{api_port}"]
-            t["credentials"]["token_file"] = str(tmp_path / "state/demo/sample-api.token")
-            t["tls"]["ca_file"] = str(tmp_path / "state/demo/upstream-ca.pem")
+        port = free_port()
+        t["hosts"] = [f"localhost:{port}"]
+        t["credentials"]["token_file"] = str(tmp_path / "state/demo" / Path(
+            t["credentials"]["token_file"]).name)
+        t["tls"]["ca_file"] = str(tmp_path / "state/demo/upstream-ca.pem")
+        if "listen" in t:
+            t["listen"] = f"127.0.0.1:{free_port()}"
+            t["upstream"] = f"https://localhost:{port}"
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "addons.cli", "demo", "--config", str(path)],
@@ -80,5 +84,9 @@ def test_demo_commands_show_allow_deny_review_and_audit(demo: Any) -> None:
     assert '"unauthenticated"' in text, text
     assert re.search(r"OK \(\d+ records, hash chain intact\)", text), text
     assert "sample-api-read" in text  # audit show / explain name the rule
+    if shutil.which("kubectl"):
+        assert "web-1" in text and "Running" in text, text  # kubectl get pods
+        assert "etc" in text.split("exec web-1 -- ls", 1)[1], text  # allowed exec ran
+        assert "interactive shells are not allowed" in text, text  # kubectl exec -- sh denied
     token = (Path(yaml.safe_load(path.read_text())["state_dir"]) / "demo/sample-api.token")
     assert token.read_text() not in text
