@@ -32,6 +32,17 @@ def sanitise_headers(headers: Any, extra: set[str]) -> None:
             headers[name] = MARKER
 
 
+def decode_kubernetes_message(content: bytes, protocol: str) -> bytes:
+    """Exec/attach frames become `[stdout] text` so analysts read them in mitmweb."""
+    from addons.kubernetes import CHANNEL_NAMES, decode_channel_frame
+
+    try:
+        channel, payload = decode_channel_frame(content, protocol)
+    except ValueError:
+        return content
+    return f"[{CHANNEL_NAMES.get(channel, channel)}] ".encode() + payload
+
+
 def scrub_bytes(data: bytes | None) -> bytes | None:
     from addons import masking
 
@@ -79,8 +90,15 @@ class Recorder:
             sanitise_headers(copy.response.headers, set())
         ws = getattr(copy, "websocket", None)
         if ws is not None:
+            proto = ""
+            if flow.response is not None:
+                proto = flow.response.headers.get("Sec-WebSocket-Protocol", "")
+            kube = target is not None and target.protocol == "kubernetes"
             for m in ws.messages:
-                m.content = scrub_bytes(m.content) or b""
+                content = m.content
+                if kube:
+                    content = decode_kubernetes_message(content, proto)
+                m.content = scrub_bytes(content) or b""
         return copy
 
     def record(self, flow: Any) -> None:

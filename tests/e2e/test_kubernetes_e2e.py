@@ -20,6 +20,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -439,6 +440,34 @@ def test_kubectl_exec_interactive_shell_with_stdin(env: Env, mode: str) -> None:
     rec = env.decisions(verb="exec", namespace="team-b", name="db-0")[-1]
     assert rec["decision"] == "allow" and rec["rules"] == ["k8s-admin-shell"]
     assert rec["identity"]["sub"] == "admin-1"
+
+
+@needs_kubectl
+def test_recordings_decode_exec_channels(env: Env) -> None:
+    from mitmproxy import io
+
+    kubectl = kubectl_modes(env, env.admin)["reverse"]
+    got = kubectl("exec", "-i", "-n", "team-b", "db-0", "--", "sh", stdin="echo rec-marker-42\n")
+    assert got.returncode == 0, got.stderr
+    files = sorted((env.gw.state_dir / "recordings").glob("*.mitm"))
+    assert files
+    messages = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the flow is recorded when the WebSocket ends
+        messages = []
+        for f in files:
+            with f.open("rb") as fh:
+                for flow in io.FlowReader(fh).stream():
+                    if getattr(flow, "websocket", None) is not None:
+                        messages += [m.content for m in flow.websocket.messages]
+        if b"[stdout] rec-marker-42\n" in messages:
+            break
+        time.sleep(0.2)
+    assert b"[stdout] rec-marker-42\n" in messages
+    assert any(m.startswith(b"[stdin] echo rec-marker-42") for m in messages)
+    raw = b"".join(f.read_bytes() for f in files)
+    for secret in (env.agent, env.admin, K8S_TOKEN):
+        assert secret.encode() not in raw
 
 
 def test_nothing_secret_in_audit_or_logs(env: Env) -> None:
