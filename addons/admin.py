@@ -52,8 +52,7 @@ async def serve(runtime: Any) -> asyncio.AbstractServer:
                 raise ValueError("head too large")
             method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
             writer.write(handle(method, path, runtime))
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
-                asyncio.TimeoutError, UnicodeDecodeError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, UnicodeDecodeError):
             writer.write(_response(400, b'{"error":"bad_request"}'))
         except Exception:  # noqa: BLE001
             log.exception("admin request failed")

@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives import serialization
 from addons.config import GatewayConfig, TargetConfig
 
 
-
 def prepare_state(config_path: Path) -> Path:
     """Create what gateway.yaml's demo targets refer to: the upstream CA file and certs."""
     from addons.ca import ensure_ca
