@@ -13,8 +13,8 @@ line without `hash` (sorted keys, compact separators) and `prev_hash` is the pre
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import os
 import threading
 import time
@@ -249,6 +249,10 @@ class AuditAddon:
             reason=reason, record_id=flows.request_id(flow))
         flow.metadata[flows.AUDIT_ID] = rid
         flow.metadata[flows.STARTED] = time.monotonic()
+        from addons.metrics import DECISIONS
+
+        DECISIONS.labels(target.protocol if target else "http",
+                         effect or (decision.effect if decision else "deny")).inc()
         self.decisions.info(
             "%s %s sub=%s target=%s rules=%s id=%s",
             (effect or (decision.effect if decision else "deny")).upper(), op["summary"],

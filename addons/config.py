@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,10 +241,18 @@ def parse_address(value: Any, key: str, ctx: _Ctx | None = None) -> tuple[str, i
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        if host != "localhost" and not all(part.isalnum() or "-" in part
-                                           for part in host.split(".")):
+        if not all(_HOST_LABEL.fullmatch(part) for part in host.split(".")):
             raise fail(f"bad host in {value!r}") from None
     return host, port
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _positive_int(value: Any, key: str, ctx: _Ctx) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ctx.err(key, f"must be a positive integer, got {value!r}")
+    return value
 
 
 def _parse_host(value: Any, key: str, ctx: _Ctx) -> tuple[str, int | None]:
@@ -390,11 +399,14 @@ def parse_config(doc: Any, file: str, base: Path, resolve_secrets: bool = True) 
         raise ctx.err("identity.issuers", "must be a list")
     issuers = tuple(_parse_issuer(r, f"identity.issuers[{i}]", ctx)
                     for i, r in enumerate(issuers_raw))
+    for i, iss in enumerate(issuers):
+        if any(other.issuer == iss.issuer for other in issuers[:i]):
+            raise ctx.err(f"identity.issuers[{i}].issuer", f"duplicate issuer {iss.issuer!r}")
     if not issuers and not dev:
         raise ctx.err("identity.issuers", "no issuer configured and dev_issuer is off: nobody "
                       "could authenticate")
-    max_tok = ident.get("max_token_bytes", 8192)
-    identity = IdentityConfig(dev_issuer=dev, issuers=issuers, max_token_bytes=int(max_tok))
+    max_tok = _positive_int(ident.get("max_token_bytes", 8192), "identity.max_token_bytes", ctx)
+    identity = IdentityConfig(dev_issuer=dev, issuers=issuers, max_token_bytes=max_tok)
     policies = ctx.path(doc.get("policies", "policies"), "policies")
     if not policies.exists():
         raise ctx.err("policies", f"{policies} does not exist")
@@ -421,7 +433,23 @@ def parse_config(doc: Any, file: str, base: Path, resolve_secrets: bool = True) 
             dbs[t.database] = t.name
     if dbs and addr["postgres"] is None:
         raise ctx.err("listen.postgres", "postgres targets need listen.postgres")
+    # Two listeners on one port would fail to bind after others started: refuse up front.
+    bound: list[tuple[tuple[str, int], str]] = []
+    listeners = [(f"listen.{k}", addr[k]) for k in ("proxy", "postgres", "admin")] + [
+        (f"targets[{i}].listen", t.listen) for i, t in enumerate(targets)]
+    for key, a in listeners:
+        if a is None:
+            continue
+        for (host, port), other in bound:
+            if port == a[1] and (host == a[0] or {host, a[0]} & {"0.0.0.0", "::"}):
+                raise ctx.err(key, f"{a[0]}:{a[1]} is already used by {other}")
+        bound.append((a, key))
     audit = ctx.mapping(doc.get("audit"), "audit", AUDIT_KEYS)
+    for k in ("file", "recordings"):
+        if k in audit and (not isinstance(audit[k], str) or not audit[k]):
+            raise ctx.err(f"audit.{k}", "must be a path")
+    if not isinstance(audit.get("fsync", False), bool):
+        raise ctx.err("audit.fsync", "must be true or false")
     audit_file = Path(audit.get("file", "audit.jsonl"))
     audit_file = audit_file if audit_file.is_absolute() else state_dir / audit_file
     rec = Path(audit.get("recordings", "recordings"))
@@ -434,13 +462,15 @@ def parse_config(doc: Any, file: str, base: Path, resolve_secrets: bool = True) 
     if not isinstance(groups, list):
         raise ctx.err("approvals.approver_groups", "must be a list")
     limits = ctx.mapping(doc.get("limits"), "limits", LIMIT_KEYS)
+    max_body = _positive_int(limits.get("max_body_bytes", 8 * 1024 * 1024),
+                             "limits.max_body_bytes", ctx)
     return GatewayConfig(
         path=Path(file), state_dir=state_dir, listen_proxy=addr["proxy"],
         listen_postgres=addr["postgres"], postgres_tls=pg_tls, listen_admin=addr["admin"],
         identity=identity, policies=policies, targets=targets, audit_file=audit_file,
         audit_fsync=bool(audit.get("fsync", False)), recordings_dir=rec,
         approvals=ApprovalsConfig(timeout, tuple(groups), appr.get("webhook_url")),
-        max_body_bytes=int(limits.get("max_body_bytes", 8 * 1024 * 1024)),
+        max_body_bytes=max_body,
     )
 
 

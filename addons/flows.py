@@ -45,14 +45,13 @@ def is_reverse(flow: Any) -> bool:
 
 
 def is_proxy_request(flow: Any) -> bool:
-    """CONNECT or absolute-form request sent to the forward proxy itself (-> 407 on auth)."""
-    if is_reverse(flow):
-        return False
-    if flow.request.method == "CONNECT":
-        return True
-    # Inside a TLS tunnel the request is the agent's own (HTTP/2 requests always carry an
-    # authority, so first_line_format alone cannot tell).
-    return not flow.client_conn.tls_established and flow.request.first_line_format == "absolute"
+    """A CONNECT to the forward proxy itself (-> 407 on authentication failures).
+
+    Absolute-form requests cannot be told apart here (mitmproxy rewrites HTTP/1 request lines
+    before hooks run); IdentityAddon knows them as requests on connections that never sent
+    CONNECT and asks for 407 itself.
+    """
+    return not is_reverse(flow) and flow.request.method == "CONNECT"
 
 
 def client_address(flow: Any) -> str | None:

@@ -100,7 +100,14 @@ class KeySet:
             return found
         due = self.clock() - self.last_attempt >= REFRESH_INTERVAL
         if not due:
-            return found
+            # A refresh in flight may bring this very key (the first fetch after start-up):
+            # wait for it off the event loop instead of refusing the token.
+            if self.lock.locked():
+                if not allow_fetch:
+                    raise NeedsKeys(self.cfg.issuer)
+                with self.lock:
+                    pass
+            return self._lookup(kid)
         if not allow_fetch:
             raise NeedsKeys(self.cfg.issuer)
         try:
@@ -339,6 +346,8 @@ class IdentityAddon:
             token = token_from_proxy_authorization(flow.request.headers.get("Proxy-Authorization"))
             flow.request.headers.pop("Proxy-Authorization", None)
             self.conn_tokens[flow.client_conn.id] = None
+            if flow.response is not None:
+                return  # already refused (unknown target): no key fetch for a dead tunnel
             if token is None:
                 return  # the token may still come inside the tunnel (Authorization: Bearer)
             flow.metadata[flows.IDENTITY] = await self._verify(token)
@@ -348,7 +357,12 @@ class IdentityAddon:
         from addons import flows
 
         flows.request_id(flow)
-        with flows.guard(flow):
+        # A forward-proxy request on a connection that never sent CONNECT is absolute-form: it
+        # is refused with 407. (mitmproxy has already rewritten it to origin-form for HTTP/1
+        # by the time hooks run, so the request line cannot tell.)
+        absolute_form = (not flows.is_reverse(flow)
+                         and flow.client_conn.id not in self.conn_tokens)
+        with flows.guard(flow, proxy=absolute_form):
             if flow.response is not None:
                 return
             token = None
