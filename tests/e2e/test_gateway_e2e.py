@@ -86,6 +86,16 @@ def test_allowed_request_reaches_upstream_with_injected_credentials(gw: Any, oid
         assert UPSTREAM_TOKEN not in text
 
 
+def test_startup_prints_ca_and_agent_exports(gw: Any) -> None:
+    out = gw.stdout
+    assert f"CA certificate for agents: {gw.ca}" in out
+    assert gw.ca.exists()
+    listen = gw.config["listen"]["proxy"]
+    assert f"export HTTPS_PROXY=http://agent:$TOKEN@{listen}" in out
+    assert f"export SSL_CERT_FILE={gw.ca}" in out
+    assert f"export REQUESTS_CA_BUNDLE={gw.ca}" in out
+
+
 def test_httpx_through_https_proxy(gw: Any, oidc: Any, echo_upstream: Any) -> None:
     token = oidc.token(groups=["agents"])
     with client(gw, token) as c:
