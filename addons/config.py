@@ -281,7 +281,7 @@ def _parse_issuer(raw: Any, key: str, ctx: _Ctx) -> IssuerConfig:
     if any(a.startswith("HS") for a in algs) and secret is None:
         raise ctx.err(f"{key}.algorithms", "HS* algorithms need secret_env")
     jwks_file = ctx.path(raw["jwks_file"], f"{key}.jwks_file") if "jwks_file" in raw else None
-    if jwks_file is not None and not jwks_file.is_file():
+    if ctx.resolve_secrets and jwks_file is not None and not jwks_file.is_file():
         raise ctx.err(f"{key}.jwks_file", f"{jwks_file} does not exist")
     jwks_uri = raw.get("jwks_uri")
     if jwks_uri is not None and urlsplit(str(jwks_uri)).scheme not in ("http", "https"):
@@ -337,7 +337,7 @@ def _parse_target(raw: Any, i: int, ctx: _Ctx) -> TargetConfig:
     ca_file = None
     if tls_raw.get("ca_file"):
         ca_file = ctx.path(tls_raw["ca_file"], f"{key}.tls.ca_file")
-        if not ca_file.is_file():
+        if ctx.resolve_secrets and not ca_file.is_file():
             raise ctx.err(f"{key}.tls.ca_file", f"{ca_file} does not exist")
     tls = TlsSettings(verify=verify, ca_file=ca_file)
     credentials = _parse_credentials(raw.get("credentials"), f"{key}.credentials", ctx)
