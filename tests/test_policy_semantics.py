@@ -71,3 +71,27 @@ def test_sql_allow_needs_every_column_deny_needs_any(tmp_path: Path) -> None:
     assert decide(tmp_path, sql_op(["id", "name"])) == ("allow", "select-safe-columns")
     assert decide(tmp_path, sql_op(["id", "email"]))[0] == "deny"
     assert decide(tmp_path, sql_op(["id", "ssn"])) == ("deny", "no-ssn")
+
+
+IMPERSONATION = """
+rules:
+  - id: read-pods
+    effect: allow
+    when: {kubernetes: {verbs: [list], resources: [pods]}}
+  - id: ops-impersonate
+    effect: allow
+    when: {subjects: [ops-*], kubernetes: {verbs: [list], resources: [pods], impersonate: true}}
+"""
+
+
+def test_impersonation_needs_a_rule_that_names_it(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(IMPERSONATION)
+    policy = load_policies(tmp_path)
+    plain = parse_shorthand("list pods -n a", "k")
+    imp = parse_shorthand("list pods -n a --as admin", "k")
+    assert imp.kubernetes is not None and imp.kubernetes["impersonate"] is True
+    assert evaluate(policy, AGENT, [plain]).effect == "allow"
+    d = evaluate(policy, AGENT, [imp])
+    assert (d.effect, d.rule) == ("deny", "impersonation-not-allowed")
+    ops = Identity(sub="ops-1", iss="t", groups=())
+    assert evaluate(policy, ops, [imp]).effect == "allow"
