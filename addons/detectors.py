@@ -1,16 +1,24 @@
-"""Sensitive-value detectors: one combined regular-expression scan, then a checksum per hit.
+"""Sensitive-value detectors: one combined regular-expression scan, then a check per hit.
 
-Each detector is a candidate pattern plus a validator that checks more than the shape (Luhn for
-cards, mod-97 and the country's length for IBANs, the SSA rules for SSNs, `ipaddress` for IPs,
-a decodable JSON header for JWTs). All enabled candidate patterns are joined into ONE compiled
-alternation with a named group per detector, so a string is scanned once whatever the number
-of detectors. A candidate that fails its validator does not hide another detector's hit at the
-same position: the other detectors' patterns are tried there before the scan moves on.
+Each detector is a candidate pattern plus a validator that checks more than the shape: Luhn for
+cards, mod-97 and the country's length for IBANs, the SSA rules for SSNs, `ipaddress` for IP
+addresses, a decodable JSON header for JWTs. All candidate patterns are joined into ONE compiled
+alternation, so a text is scanned once whatever the number of detectors. A candidate that fails
+its validator does not hide another detector's hit at the same position: the other detectors'
+patterns are tried there before the scan moves on.
 
-Every pattern starts with a negative look-behind for its own character class, so the regex
-engine only tries a detector at the start of a run (no quadratic rescans of long tokens), and
-no pattern can match NUL, which lets `addons.masking` scan many JSON strings joined by NUL in a
-single call (`find(..., joined=True)`).
+How the combined pattern is shaped (this is what makes it fast with the stdlib `re`; see
+docs/masking.md, "Performance"):
+- it starts with ONE character class (the union of every detector's anchor character), so `re`
+  skips every other character in C without entering the matcher;
+- each alternative then starts with a plain character class for the SECOND character (which
+  `re` tests before it even tries the alternative) and only then checks the anchor character
+  and the character before it with a look-behind;
+- detectors without a cheap first character are anchored elsewhere and widened by their
+  validator: e-mail on "@", JWT on the "J" of "eyJ", IPv6 on its first ":".
+No pattern matches NUL, so `addons.masking` scans all string values of a JSON document joined
+by NUL in a single call (`find(..., mode="joined")`); no hit can span two values. In mode
+"json" no hit can span a '"' either, which lets the raw text of a JSON body be scanned as is.
 
 Pure module: no I/O, no mitmproxy, no asyncio.
 """
@@ -26,38 +34,8 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import NamedTuple
 
-# Alternation order = priority when two detectors match at the same position.
 DETECTORS = ("private_key", "jwt", "aws_access_key", "email", "iban", "credit_card", "ssn",
              "phone", "ip_address")
-
-_PEM_LABEL = r"-----(?:BEGIN|END) (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-# A BEGIN line without its END still masks everything after it (a truncated key is still a key).
-_PEM_SINGLE = (r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-               r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[\s\S]*)")
-_PEM_JOINED = _PEM_SINGLE.replace(r"[\s\S]", r"[^\x00]")
-
-_PATTERNS: dict[str, str] = {
-    "private_key": _PEM_SINGLE,
-    # header.payload.signature (JWS) or the five segments of a JWE; the header is JSON ("eyJ").
-    "jwt": r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){2,4}",
-    "aws_access_key": r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z2-7]{16}(?![A-Za-z0-9])",
-    "email": r"(?<![\w.%+'-])[\w.%+'-]+@(?:[\w-]+\.)+[\w-]{2,63}",
-    # Length and checksum are checked by the validator, which may end the hit earlier.
-    "iban": r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}",
-    "credit_card": r"(?<![0-9])[1-9](?:[ -]?[0-9]){12,18}(?![0-9])",
-    "ssn": r"(?<![0-9-])[0-9]{3}-[0-9]{2}-[0-9]{4}(?![0-9-])",
-    # E.164 (+ country code, optional separators); North-American 3-3-4 with separators;
-    # trunk-prefixed national numbers (0 + area code) with separators. A bare run of digits is
-    # never a phone number: that is what ids look like.
-    "phone": (r"(?<![\w+])\+[1-9](?:[ .()-]{0,2}[0-9]){6,14}(?![0-9])"
-              r"|(?<![\w.()+-])(?:1[ .-])?(?:\([0-9]{3}\) ?|[0-9]{3}[ .-])[0-9]{3}[ .-][0-9]{4}"
-              r"(?![\w-]|\.[0-9])"
-              r"|(?<![\w.+-])0[1-9][0-9]{0,3}[ -][0-9]{2,4}(?:[ -]?[0-9]{2,4}){1,4}(?![\w-]|\.[0-9])"),
-    "ip_address": (r"(?<![\w.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![\w]|\.[0-9])"
-                   r"|(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}"
-                   r"(?:(?:[0-9]{1,3}\.){3}[0-9]{1,3}|[0-9A-Fa-f]{1,4})?(?:%[\w.-]+)?(?![\w:])"),
-}
-assert tuple(_PATTERNS) == DETECTORS
 
 
 class Hit(NamedTuple):
@@ -66,35 +44,97 @@ class Hit(NamedTuple):
     detector: str
 
 
+class _Alt(NamedTuple):
+    detector: str
+    kind: str  # "plain" | "digit" | "mixed": where it sits in the combined pattern (see _scanner)
+    first: str  # class of the anchor character
+    second: str  # class of the character after it (cheap pre-test inside `re`)
+    rest: str  # the remainder of the candidate
+    before: str  # class of characters that must not precede the anchor ("" = no check)
+
+
+_PEM = (r"---BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+        # a BEGIN without its END masks everything after it: a truncated key is still a key
+        r"(?:ANY*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|ANY*)")
+_PHONE_END = r"(?![\w-]|\.[0-9])"
+_IP_END = r"(?![\w]|\.[0-9])"
+_OCTETS3 = r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}"
+
+# Order = priority between alternatives that match at the same position.
+_ALTS = (
+    # "plain": the second character is never a digit, so `re` rejects these in one test.
+    _Alt("private_key", "plain", r"\-", "-", _PEM, ""),
+    # anchored on the "y" of "eyJ" (base64 of '{"'); the validator widens it by one. Every
+    # unbounded candidate is possessive and starts only where its run starts: linear time.
+    _Alt("jwt", "plain", "y", "J", r"[A-Za-z0-9_-]++(?:\.[A-Za-z0-9_-]*+){2,4}+", ""),
+    _Alt("aws_access_key", "plain", "A", "[KS]", r"IA[A-Z2-7]{16}(?![A-Za-z0-9])", "[A-Za-z0-9]"),
+    _Alt("iban", "plain", "[A-Z]", "[A-Z]", r"[0-9]{2}(?: ?[A-Z0-9]){11,30}", "[A-Za-z0-9]"),
+    # "digit": tried only at the start of a run of at least 7 digits and separators.
+    _Alt("ssn", "digit", "[0-9]", "[0-9]", r"[0-9]-[0-9]{2}-[0-9]{4}(?![0-9-])", "[0-9-]"),
+    # Phones: E.164 with optional separators; North-American 3-3-4 with separators (optionally
+    # "1-" first); trunk-prefixed national numbers ("020 7946 0958"). A bare run of digits is
+    # never a phone number: that is what ids look like.
+    _Alt("phone", "digit", "[0-9]", "[0-9]", r"[0-9][ .-][0-9]{3}[ .-][0-9]{4}" + _PHONE_END,
+         r"[\w.()+-]"),
+    _Alt("phone", "digit", "1", "[ .-]",
+         r"(?:\([0-9]{3}\) ?|[0-9]{3}[ .-])[0-9]{3}[ .-][0-9]{4}" + _PHONE_END, r"[\w.()+-]"),
+    _Alt("phone", "digit", "0", "[1-9]",
+         r"[0-9]{0,3}[ -][0-9]{2,4}(?:[ -]?[0-9]{2,4}){1,4}" + _PHONE_END, r"[\w.+-]"),
+    _Alt("ip_address", "digit", "[0-9]", "[.]", _OCTETS3 + _IP_END, r"[\w.]"),
+    _Alt("ip_address", "digit", "[0-9]", "[0-9]", r"[0-9]?\." + _OCTETS3 + _IP_END, r"[\w.]"),
+    _Alt("credit_card", "digit", "[1-9]", "[0-9 -]", r"[0-9 -]{10,34}(?<=[0-9])(?![0-9])", ""),
+    # "mixed": non-digit anchors whose second character may be a digit.
+    _Alt("email", "mixed", "@", r"[\w-]",
+         r"[\w-]{0,62}\.(?:[\w-]{1,63}\.){0,8}(?:xn--[A-Za-z0-9-]{1,59}|[^\W\d_]{2,63})", ""),
+    _Alt("phone", "mixed", r"\+", "[1-9]", r"(?:[ .()-]{0,2}[0-9]){6,14}(?![0-9])", r"[\w+]"),
+    _Alt("phone", "mixed", r"\(", "[0-9]", r"[0-9]{2}\) ?[0-9]{3}[ .-][0-9]{4}" + _PHONE_END,
+         r"[\w.()+-]"),
+    # IPv6, anchored on its first ":" (the validator widens it over up to four hex digits);
+    # possessive, so a clock time such as 10:11:00Z is rejected without backtracking.
+    _Alt("ip_address", "mixed", ":", "[0-9A-Fa-f:]",
+         r"[0-9A-Fa-f:]{0,40}+(?:(?:\.[0-9]{1,3}){3})?(?:%[\w.-]{1,32}+)?(?![\w:]|\.[0-9])",
+         ""),
+)
+assert {a.detector for a in _ALTS} == set(DETECTORS)
+
+
 # ---------------------------------------------------------------------------------------------
-# Validators: (text, start, end) -> the hit's real end, or None when it is not a real value.
+# Validators: (text, start, end) -> (start, end) of the real value, or None.
+
+Span = tuple[int, int] | None
+
+
+_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")  # digit -> digit sum of 2 * digit
 
 
 def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        n = ord(ch) - 48
-        if i & 1:
-            n = n * 2 - 9 if n > 4 else n * 2
-        total += n
+    """Luhn checksum of an ASCII digit string (byte sums: no Python loop per digit)."""
+    raw = digits.encode("ascii")
+    total = sum(raw[-1::-2]) + sum(raw[-2::-2].translate(_DOUBLED)) - 48 * len(raw)
     return total % 10 == 0
 
 
-def _credit_card(text: str, start: int, end: int) -> int | None:
-    # Try the whole run first, then shorter prefixes ending at a group separator, so
-    # "4111 1111 1111 1111 2024" still finds the card followed by another number.
-    digits: list[str] = []
-    ends: list[tuple[int, int]] = []  # (number of digits, end offset) at group ends
-    for i in range(start, end):
-        ch = text[i]
-        if ch.isdigit():
-            digits.append(ch)
-            if i + 1 == end or not text[i + 1].isdigit():
-                ends.append((len(digits), i + 1))
-    number = "".join(digits)
-    for n, stop in reversed(ends):
-        if 13 <= n <= 19 and luhn_ok(number[:n]):
-            return stop
+_CARD_SHAPE = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
+
+
+def _credit_card(text: str, start: int, end: int) -> Span:
+    # 13-19 digits with at most one space or dash between two digits.
+    if _CARD_SHAPE.fullmatch(text, start, end):
+        digits = text[start:end].replace(" ", "").replace("-", "")
+        if 13 <= len(digits) <= 19 and luhn_ok(digits):
+            return start, end
+    # Slow path (rare): shorter prefixes ending at a group end, so "4111 1111 1111 1111 2024"
+    # still finds the card that is followed by another number.
+    shape = _CARD_SHAPE.match(text, start, end)
+    if shape is None:
+        return None
+    groups = shape.group().replace("-", " ").split(" ")
+    stop = shape.end()
+    while len(groups) > 1:
+        stop -= len(groups.pop()) + 1
+        digits = "".join(groups)
+        if 13 <= len(digits) <= 19 and luhn_ok(digits):
+            return start, stop
     return None
 
 
@@ -110,18 +150,20 @@ IBAN_LENGTHS = {
     "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28, "TL": 23,
     "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
 }
-_IBAN_CHAR = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_IBAN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 
 def iban_ok(iban: str) -> bool:
-    """mod-97 check (ISO 13616) of a compact upper-case IBAN of the right length."""
-    if IBAN_LENGTHS.get(iban[:2]) != len(iban) or not 2 <= int(iban[2:4]) <= 98:
+    """ISO 13616 check of a compact upper-case IBAN: known country, its length, mod 97 == 1."""
+    if IBAN_LENGTHS.get(iban[:2]) != len(iban) or not iban[2:4].isdigit():
         return False
     rearranged = iban[4:] + iban[:4]
     return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
 
 
-def _iban(text: str, start: int, end: int) -> int | None:
+def _iban(text: str, start: int, end: int) -> Span:
+    # The country fixes the length: take exactly that many characters (single spaces allowed
+    # between them), so a following word does not spoil the checksum.
     want = IBAN_LENGTHS.get(text[start:start + 2])
     if want is None:
         return None
@@ -129,69 +171,92 @@ def _iban(text: str, start: int, end: int) -> int | None:
     i, n = start, len(text)
     while i < n and len(chars) < want:
         ch = text[i]
-        if ch in _IBAN_CHAR:
+        if ch in _IBAN_CHARS:
             chars.append(ch)
-        elif not (ch == " " and chars and i + 1 < n and text[i + 1] in _IBAN_CHAR):
+        elif not (ch == " " and i + 1 < n and text[i + 1] in _IBAN_CHARS):
             break
         i += 1
     if len(chars) != want or (i < n and text[i].isalnum()):
         return None
-    return i if iban_ok("".join(chars)) else None
+    return (start, i) if iban_ok("".join(chars)) else None
 
 
-def _ssn(text: str, start: int, end: int) -> int | None:
-    area, group, serial = text[start:start + 3], text[start + 4:start + 6], text[start + 7:end]
-    if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
+def ssn_ok(ssn: str) -> bool:
+    """SSA rules: area not 000, 666 or 9xx; group not 00; serial not 0000."""
+    area, group, serial = ssn[0:3], ssn[4:6], ssn[7:11]
+    return not (area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000")
+
+
+def _ssn(text: str, start: int, end: int) -> Span:
+    return (start, end) if ssn_ok(text[start:end]) else None
+
+
+_LOCAL_RUN = re.compile(r"[\w.%+'-]{1,64}")  # RFC 5321: a local part has at most 64 octets
+
+
+def _email(text: str, start: int, end: int) -> Span:
+    # Anchored on "@": widen to the left over the local part (matched on the reversed text
+    # before the "@", which costs one short C call instead of a backwards search).
+    local = _LOCAL_RUN.match(text[max(0, start - 64):start][::-1])
+    if local is None:
         return None
-    return end
-
-
-def _email(text: str, start: int, end: int) -> int | None:
-    # The top-level domain is alphabetic (or punycode); trim a trailing "_suffix" or digits.
-    dot = text.rfind(".", start, end)
-    tld = text[dot + 1:end]
-    if tld[:4].lower() == "xn--" and len(tld) > 4:
-        return end
-    n = 0
-    while n < len(tld) and tld[n].isalpha():
-        n += 1
-    local = text[start:text.index("@", start)]
-    if n < 2 or local.startswith(".") or local.endswith("."):
+    begin = start - local.end()
+    while begin < start and text[begin] == ".":
+        begin += 1
+    if begin == start or text[start - 1] == ".":
         return None
-    return dot + 1 + n
+    return begin, end
 
 
-def _phone(text: str, start: int, end: int) -> int | None:
-    count = sum(1 for i in range(start, end) if text[i].isdigit())
-    return end if 7 <= count <= 15 else None
+def _phone(text: str, start: int, end: int) -> Span:
+    span = text[start:end]
+    count = (len(span) - span.count(" ") - span.count("-") - span.count(".") - span.count("(")
+             - span.count(")") - span.count("+"))
+    return (start, end) if 7 <= count <= 15 else None
 
 
-def _jwt(text: str, start: int, end: int) -> int | None:
-    header = text[start:text.index(".", start)]
+def _jwt(text: str, start: int, end: int) -> Span:
+    # Anchored on the "y" of "eyJ" (base64 of '{"'): widen by one and decode the header.
+    begin = start - 1
+    if begin < 0 or text[begin] != "e":
+        return None
+    if begin > 0 and (text[begin - 1].isalnum() or text[begin - 1] in "_-"):
+        return None
+    header = text[begin:text.index(".", start)]
     try:
         decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
-    return end if isinstance(decoded, dict) else None
+    return (begin, end) if isinstance(decoded, dict) else None
 
 
-def _ip(text: str, start: int, end: int) -> int | None:
-    candidate = text[start:end]
-    try:
-        if ":" in candidate:
-            ipaddress.IPv6Address(candidate)
-        else:
-            ipaddress.IPv4Address(candidate)
-    except ValueError:
-        return None
-    return end
+_HEX = frozenset("0123456789abcdefABCDEF")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")  # no leading zeros, like ipaddress
 
 
-def _accept(text: str, start: int, end: int) -> int | None:
-    return end
+def _ip(text: str, start: int, end: int) -> Span:
+    if text[start] == ":":
+        # IPv6, anchored on its first ":": widen to the left over at most four hex digits.
+        begin = start
+        while begin > 0 and start - begin < 5 and text[begin - 1] in _HEX:
+            begin -= 1
+        if start - begin > 4 or (begin > 0 and (text[begin - 1].isalnum()
+                                               or text[begin - 1] in "_:.")):
+            return None
+        try:
+            ipaddress.IPv6Address(text[begin:end])
+        except ValueError:
+            return None
+        return begin, end
+    return (start, end) if _IPV4.fullmatch(text, start, end) else None
 
 
-_VALIDATORS: dict[str, Callable[[str, int, int], int | None]] = {
+def _accept(text: str, start: int, end: int) -> Span:
+    return start, end
+
+
+_VALIDATORS: dict[str, Callable[[str, int, int], Span]] = {
     "private_key": _accept,
     "jwt": _jwt,
     "aws_access_key": _accept,
@@ -210,79 +275,145 @@ _VALIDATORS: dict[str, Callable[[str, int, int], int | None]] = {
 
 class _Scanner(NamedTuple):
     combined: re.Pattern[str]
-    single: dict[str, re.Pattern[str]]  # per-detector pattern, tried after a failed validation
-    order: tuple[str, ...]
+    alts: tuple[_Alt, ...]
+    by_group: tuple[int, ...]  # capture group number -> index in alts
+    validators: tuple[Callable[[str, int, int], Span], ...]  # per alternative
+    names: tuple[str, ...]  # detector name per alternative
+    # Per alternative: the alternatives that come after it in the combined pattern and share
+    # its anchors, with their stand-alone patterns. Only those can still match where it failed
+    # (the ones before it were already tried there by the combined pattern).
+    retries: tuple[tuple[tuple[int, re.Pattern[str]], ...], ...]
 
 
-def _pattern(name: str, joined: bool) -> str:
-    return _PEM_JOINED if (joined and name == "private_key") else _PATTERNS[name]
+# What a private key's body may contain, per scanning mode: plain text; values joined by NUL;
+# the raw text of a JSON document without backslashes (a body never crosses a '"').
+_BODY = {"text": r"[\s\S]", "joined": r"[^\x00]", "json": r'[^"\x00]'}
+MODES = tuple(_BODY)
 
 
 @lru_cache(maxsize=128)
-def _scanner(detectors: frozenset[str], joined: bool) -> _Scanner:
-    order = tuple(d for d in DETECTORS if d in detectors)
-    combined = re.compile("|".join(f"(?P<{d}>{_pattern(d, joined)})" for d in order))
-    single = {d: re.compile(_pattern(d, joined)) for d in order}
-    return _Scanner(combined, single, order)
+def _scanner(detectors: frozenset[str], mode: str) -> _Scanner:
+    alts = tuple(a for a in _ALTS if a.detector in detectors)
+    # `first` is a class ("[0-9]") or one escaped character ("\\+"): either fits in a class.
+    anchors = "".join(sorted({a.first[1:-1] if a.first[0] == "[" else a.first for a in alts}))
+    groups: dict[str, list[str]] = {"plain": [], "digit": [], "mixed": []}
+    order: dict[str, list[int]] = {"plain": [], "digit": [], "mixed": []}
+    exact = []
+    for i, a in enumerate(alts):
+        rest = a.rest.replace("ANY", _BODY[mode])
+        guard = "" if a.first == "[0-9]" else f"(?<={a.first}.)"
+        if a.detector == "jwt":
+            # only where a base64url run starts with "eyJ": each run is scanned once
+            guard = r"(?<=ey.)(?<![A-Za-z0-9_-]...)"
+        if a.before:
+            guard += f"(?<!{a.before}..)"
+        # The empty group a<i> closes last, so Match.lastindex tells which alternative matched.
+        groups[a.kind].append(f"{a.second}{guard}{rest}(?P<a{i}>)")
+        order[a.kind].append(i)
+        lookbehind = f"(?<!{a.before})" if a.before else ""
+        exact.append(re.compile(f"{lookbehind}{a.first}{a.second}{rest}"))
+    branches = list(groups["plain"])
+    if groups["digit"]:
+        # One test instead of one per alternative: digit detectors need 7+ characters.
+        branches.append(f"(?<=[0-9])(?=[0-9 ().-]{{6}})(?:{'|'.join(groups['digit'])})")
+    if groups["mixed"]:
+        branches.append(f"(?<![0-9])(?:{'|'.join(groups['mixed'])})")
+    # A digit right after a digit never starts a hit: reject it before trying alternatives.
+    combined = f"[{anchors}](?<![0-9][0-9])(?:{'|'.join(branches)})"
+    compiled = re.compile(combined, re.DOTALL)
+    by_group = [0] * (compiled.groups + 1)
+    for name, number in compiled.groupindex.items():
+        by_group[number] = int(name[1:])
+    retries: list[tuple[tuple[int, re.Pattern[str]], ...]] = [()] * len(alts)
+    for indices in order.values():
+        for pos, i in enumerate(indices):
+            retries[i] = tuple((j, exact[j]) for j in indices[pos + 1:])
+    validators = tuple(_VALIDATORS[a.detector] for a in alts)
+    return _Scanner(compiled, alts, tuple(by_group), validators,
+                    tuple(a.detector for a in alts), tuple(retries))
 
 
 def check_detectors(names: Iterable[str]) -> tuple[str, ...]:
-    """Validate detector names (raises ValueError naming the bad one and the known ones)."""
-    out = []
+    """Validate detector names (ValueError names the bad one and the known ones); dedupe."""
+    out: list[str] = []
     for name in names:
-        if name not in _PATTERNS:
+        if name not in DETECTORS:
             raise ValueError(f"unknown detector {name!r} (known: {', '.join(DETECTORS)})")
         if name not in out:
             out.append(name)
     return tuple(out)
 
 
-def find(text: str, detectors: Iterable[str] = DETECTORS, *, joined: bool = False) -> list[Hit]:
-    """Every validated, non-overlapping hit in `text`, left to right.
+def find(text: str, detectors: Iterable[str] = DETECTORS, *, mode: str = "text") -> list[Hit]:
+    """Every validated hit in `text`, left to right, overlapping hits merged.
 
-    `joined=True` is for a text made of several values separated by NUL: no hit spans a NUL.
-    (It is the caller's job to make sure the values themselves contain no NUL.)
+    mode "text": any text. "joined": several values separated by NUL (the caller makes sure the
+    values hold no NUL); no hit spans a NUL. "json": the raw text of a JSON document without
+    backslash escapes; no hit spans a '"', so every hit lies in one string or number token.
     """
+    return [Hit(*h) for h in scan(text, detectors, mode)]
+
+
+def scan(text: str, detectors: Iterable[str] = DETECTORS, mode: str = "text"
+         ) -> list[tuple[int, int, str]]:
+    """`find` as plain (start, end, detector) tuples: the hot path of `addons.masking`."""
     wanted = detectors if isinstance(detectors, frozenset) else frozenset(detectors)
     if not text or not wanted:
         return []
-    scanner = _scanner(wanted, joined)
-    search = scanner.combined.search
-    hits: list[Hit] = []
+    scanner = _scanner(wanted, mode)
+    finditer = scanner.combined.finditer
+    by_group, validators, names = scanner.by_group, scanner.validators, scanner.names
+    hits: list[tuple[int, int, str]] = []
     pos = 0
+    last_end = -1
+    ordered = True
     while True:
-        m = search(text, pos)
-        if m is None:
-            return hits
-        start = m.start()
-        name = m.lastgroup
-        assert name is not None
-        stop = _VALIDATORS[name](text, start, m.end())
-        if stop is None:
-            name, stop = _retry(text, start, name, scanner)
-        if stop is None or name is None:
-            pos = start + 1
-            continue
-        hits.append(Hit(start, stop, name))
-        pos = stop if stop > start else start + 1
+        restart = -1
+        for m in finditer(text, pos):
+            at, end = m.span()
+            index = by_group[m.lastindex]  # type: ignore[index]
+            check = validators[index]
+            span = (at, end) if check is _accept else check(text, at, end)
+            name = names[index]
+            if span is None:
+                for j, pattern in scanner.retries[index]:
+                    again = pattern.match(text, at)
+                    if again is not None:
+                        span = validators[j](text, at, again.end())
+                        if span is not None:
+                            name = names[j]
+                            break
+                if span is None:
+                    if text[at:end].isdigit():
+                        continue  # no hit starts inside a run of digits: scan on from its end
+                    restart = at + 1
+                    break
+            start, stop = span
+            if start < last_end:
+                ordered = False
+            hits.append((start, stop, name))
+            last_end = stop
+            if stop != end:  # the validator ended the hit early: scan on from there
+                restart = max(stop, at + 1)
+                break
+        if restart < 0:
+            break
+        pos = restart
+    return hits if ordered else _merge(hits)
 
 
-def _retry(text: str, start: int, failed: str, scanner: _Scanner) -> tuple[str | None, int | None]:
-    for name in scanner.order:
-        if name == failed:
-            continue
-        m = scanner.single[name].match(text, start)
-        if m is not None:
-            stop = _VALIDATORS[name](text, start, m.end())
-            if stop is not None:
-                return name, stop
-    return None, None
-
-
-def contains_any(text: str, detectors: Iterable[str] = DETECTORS) -> bool:
-    return bool(find(text, detectors))
+def _merge(hits: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Union of overlapping hits (the widest one names the merged hit)."""
+    out: list[tuple[int, int, str]] = []
+    for hit in sorted(hits):
+        if out and hit[0] < out[-1][1]:
+            prev = out[-1]
+            widest = prev if prev[1] - prev[0] >= hit[1] - hit[0] else hit
+            out[-1] = (prev[0], max(prev[1], hit[1]), widest[2])
+        else:
+            out.append(hit)
+    return out
 
 
 PEM_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 PEM_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
-PEM_LABEL = re.compile(_PEM_LABEL)

@@ -355,6 +355,8 @@ def _parse_mask(raw: Any, fname: str, targets: set[str] | None) -> MaskRule:
         raise PolicyError("mask needs json_paths, columns or detectors", file=fname, line=line,
                           rule_id=rid)
     strategy = raw.get("strategy", "redact")
+    if strategy is None:
+        strategy = "null"  # YAML reads `strategy: null` as None
     return MaskRule(id=rid, when=when, unless=unless, strategy=strategy, file=fname, line=line,
                     **lists)
 
