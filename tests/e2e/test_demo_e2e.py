@@ -74,11 +74,17 @@ def test_demo_commands_show_allow_deny_review_and_audit(demo: Any) -> None:
         if cmd.startswith("export"):
             continue
         full = script + "\n" + cmd.replace("./mitm.sh", f"{sys.executable} -m addons.cli")
-        res = subprocess.run(["bash", "-c", full], capture_output=True, text=True, timeout=60)
+        res = subprocess.run(["bash", "-c", full], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "COLUMNS": "200"})
         results.append((cmd, res.returncode, res.stdout + res.stderr))
     text = "\n".join(f"$ {c}\n{o}" for c, _, o in results)
     # allowed call reaches the sample API (which only answers to the injected token)
     assert '"users"' in text and "Ada Lovelace" in text, text
+    # masked: cards keep their last four, emails are hashed, SSNs and API keys removed
+    for raw in ("4111 1111 1111 1111", "ada@example.com", "123-45-6789", "AKIAIOSFODNN7EXAMPLE"):
+        assert raw not in text, raw
+    assert "1111" in text and "[MASKED:" in text, text
+    assert "sample-api-cards" in text, text[text.find("policy explain"):][:3000]  # masks listed
     assert '"rule": "sample-api-admin-deny"' in text, text
     assert '"approval_required"' in text, text
     assert '"unauthenticated"' in text, text
