@@ -377,5 +377,16 @@ class IdentityAddon:
                 raise AuthError("no token: send Proxy-Authorization or Authorization: Bearer")
             flow.metadata[flows.IDENTITY] = await self._verify(token)
 
+    def websocket_message(self, flow) -> None:  # noqa: ANN001
+        """Continuous verification for long-lived streams (exec sessions): when the token behind
+        an open WebSocket expires, the session ends."""
+        from addons import flows
+
+        identity = flow.metadata.get(flows.IDENTITY)
+        if identity is None or not still_valid(identity):
+            flows.log.info("ending WebSocket %s: token expired", flows.request_id(flow))
+            if flow.killable:
+                flow.kill()
+
     def client_disconnected(self, client) -> None:  # noqa: ANN001
         self.conn_tokens.pop(client.id, None)
