@@ -13,6 +13,7 @@ from typing import Any
 
 def make_addons(runtime: Any) -> list[Any]:
     from addons import masking
+    from addons.approvals import ApprovalsAddon
     from addons.audit import AuditAddon
     from addons.credentials import CredentialsAddon
     from addons.identity import IdentityAddon
@@ -24,6 +25,8 @@ def make_addons(runtime: Any) -> list[Any]:
         Targets(runtime.targets),
         IdentityAddon(runtime.verifier),
         PolicyAddon(runtime.policies),
+        ApprovalsAddon(runtime.approvals, runtime.config.approvals.timeout_seconds,
+                       runtime.config.approvals.webhook_url),
         CredentialsAddon(runtime.targets),
     ]
     masking_addon = getattr(masking, "Masking", None)

@@ -101,7 +101,7 @@ class AuditLog:
                  identity: Identity | None, operation: dict[str, Any],
                  decision: Decision | None, effect: str | None = None,
                  rules: list[str] | None = None, reason: str | None = None,
-                 approval: str | None = None, record_id: str | None = None) -> str:
+                 approval: Any = None, record_id: str | None = None) -> str:
         """Write a decision line; returns its id. `effect`/`rules` override for refusals made
         before policy ran (unauthenticated, unknown target, bad request)."""
         rid = record_id or new_id()
@@ -242,11 +242,18 @@ class AuditAddon:
         if refused is not None and (decision is None or decision.effect == "allow"):
             effect, rules, reason = "deny", [refused.error], refused.reason
         op = _http_operation_record(flow)
+        approval = None
+        if flow.metadata.get(flows.APPROVED) or flow.metadata.get(flows.APPROVAL):
+            approval = {"id": flow.metadata.get(flows.APPROVAL),
+                        "state": "approved" if flow.metadata.get(flows.APPROVED) else (
+                            refused.error if refused is not None else None)}
+            if flow.metadata.get(flows.APPROVED) == "grant":
+                approval["state"] = "granted"
         rid = self.audit.decision(
             protocol=target.protocol if target else "http",
             target=target.name if target else None, client=flows.client_address(flow),
             identity=identity, operation=op, decision=decision, effect=effect, rules=rules,
-            reason=reason, record_id=flows.request_id(flow))
+            reason=reason, approval=approval, record_id=flows.request_id(flow))
         flow.metadata[flows.AUDIT_ID] = rid
         flow.metadata[flows.STARTED] = time.monotonic()
         from addons.metrics import DECISIONS

@@ -145,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default=None)
     s.add_argument("--decision", default=None, choices=["allow", "deny", "review"])
 
+    ap = with_config(sub.add_parser("approvals", help="list, approve or deny held requests"))
+    ap.add_argument("action", nargs="?", choices=["list", "approve", "deny"], default="list")
+    ap.add_argument("id", nargs="?", default=None)
+    ap.add_argument("--reason", default=None)
+    ap.add_argument("--grant", default=None, help="with approve: let the same identity repeat "
+                    "the same operation without review for this long (e.g. 30m)")
+    ap.add_argument("--state", default=None, choices=["pending", "approved", "denied", "expired"])
+    ap.add_argument("--admin", default=None, help="admin API URL (default: listen.admin)")
+
     rep = sub.add_parser("replay", help="open recorded flows in mitmweb")
     with_config(rep)
     rep.add_argument("file", nargs="?", default=None)
@@ -170,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_policy(args)
         if args.cmd == "demo":
             return cmd_demo(args)
+        if args.cmd == "approvals":
+            from addons import approvalscli
+
+            return approvalscli.main(args)
         if args.cmd == "replay":
             from addons import auditcli
 

@@ -106,8 +106,13 @@ def commands(config: GatewayConfig) -> str:
                   f"curl -s {base}/v1/users",
                   "# denied by rule sample-api-admin-deny (dot segments do not help)",
                   f"curl -s --path-as-is {base}/v1/users/../admin/keys",
-                  "# review: deleting needs a human approval (refused until one approves)",
-                  f"curl -s -X DELETE {base}/v1/users/2",
+                  "# review: deleting a user waits for a human approval (in the background)",
+                  f"curl -s -X DELETE {base}/v1/users/2 &",
+                  "# ...a reviewer (a member of approvers) lists and approves it; it then runs",
+                  f"export PORTCULLIS_TOKEN=$(./mitm.sh token{cfg} --sub alice --groups "
+                  "approvers)",
+                  f"./mitm.sh approvals list{cfg}",
+                  f"./mitm.sh approvals approve <ID> --reason 'ticket 42'{cfg}",
                   "# no token, no access",
                   f"curl -s --proxy http://{config.listen_proxy[0]}:{config.listen_proxy[1]} "
                   f"{base}/v1/users" if config.listen_proxy else ""]

@@ -29,6 +29,8 @@ DECISION = "portcullis.decision"
 REFUSED = "portcullis.refused"
 MASKED = "portcullis.masked"
 AUDIT_ID = "portcullis.audit_id"
+APPROVAL = "portcullis.approval"  # id of the approval this request waited for
+APPROVED = "portcullis.approved"  # set when an approval or a grant released the request
 STARTED = "portcullis.started"
 
 

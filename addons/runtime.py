@@ -6,6 +6,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from addons.approvals import ApprovalStore
 from addons.audit import AuditLog
 from addons.config import GatewayConfig
 from addons.identity import DevIssuer, Verifier
@@ -21,6 +22,7 @@ class Runtime:
     audit: AuditLog
     targets: TargetIndex
     mask_key: bytes
+    approvals: ApprovalStore
 
     @property
     def ca_cert_path(self) -> Path:
@@ -50,4 +52,5 @@ def build_runtime(config: GatewayConfig) -> Runtime:
     key_loader = getattr(masking, "load_hash_key", None)
     mask_key = key_loader(config.state_dir) if key_loader else b""
     return Runtime(config=config, verifier=verifier, policies=store, audit=audit,
-                   targets=TargetIndex(config), mask_key=mask_key)
+                   targets=TargetIndex(config), mask_key=mask_key,
+                   approvals=ApprovalStore(config.state_dir / "approvals.json"))

@@ -70,13 +70,38 @@ def test_demo_commands_show_allow_deny_review_and_audit(demo: Any) -> None:
     script += "\n".join(c.replace("./mitm.sh", f"{sys.executable} -m addons.cli")
                         for c in commands if c.startswith("export"))
     results = []
+    env = {**os.environ, "COLUMNS": "200"}
+    background: list[tuple[str, subprocess.Popen[str]]] = []
+    last = ""
     for cmd in commands:
         if cmd.startswith("export"):
             continue
-        full = script + "\n" + cmd.replace("./mitm.sh", f"{sys.executable} -m addons.cli")
-        res = subprocess.run(["bash", "-c", full], capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "COLUMNS": "200"})
+        line = cmd.replace("./mitm.sh", f"{sys.executable} -m addons.cli")
+        if line.endswith("&"):  # held for approval: runs while the reviewer acts
+            background.append((cmd, subprocess.Popen(
+                ["bash", "-c", script + "\n" + line[:-1]], stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, env=env)))
+            continue
+        for _ in range(50):  # the reviewer's list may run before the request is held
+            ids = re.findall(r"\b[0-9a-f]{12}\b", last)
+            if "<ID>" not in line or ids:
+                break
+            time.sleep(0.2)
+            last = subprocess.run(["bash", "-c", script + "\n" + prev], capture_output=True,
+                                  text=True, timeout=60, env=env).stdout
+        if "<ID>" in line:
+            line = line.replace("<ID>", ids[0])
+        res = subprocess.run(["bash", "-c", script + "\n" + line], capture_output=True,
+                             text=True, timeout=60, env=env)
+        last, prev = res.stdout, line
         results.append((cmd, res.returncode, res.stdout + res.stderr))
+    for cmd, proc in background:
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("\n".join(f"$ {c}\n{o}" for c, _, o in results)) from None
+        results.append((cmd, proc.returncode, out))
     text = "\n".join(f"$ {c}\n{o}" for c, _, o in results)
     # allowed call reaches the sample API (which only answers to the injected token)
     assert '"users"' in text and "Ada Lovelace" in text, text
@@ -86,7 +111,8 @@ def test_demo_commands_show_allow_deny_review_and_audit(demo: Any) -> None:
     assert "1111" in text and "[MASKED:" in text, text
     assert "sample-api-cards" in text, text[text.find("policy explain"):][:3000]  # masks listed
     assert '"rule": "sample-api-admin-deny"' in text, text
-    assert '"approval_required"' in text, text
+    assert "approval" in text and ": approved by alice" in text, text
+    assert '{"deleted": 2}' in text, text  # the held DELETE ran after the approval
     assert '"unauthenticated"' in text, text
     assert re.search(r"OK \(\d+ records, hash chain intact\)", text), text
     assert "sample-api-read" in text  # audit show / explain name the rule

@@ -126,12 +126,16 @@ def test_denied_and_default_denied(gw: Any, oidc: Any, echo_upstream: Any) -> No
     assert sum(1 for x in denials if x.get("decision") == "deny") >= 5
 
 
-def test_review_is_refused_until_approvals_exist(gw: Any, oidc: Any, echo_upstream: Any) -> None:
+def test_review_without_a_reviewer_times_out(gateway_factory: Any, oidc: Any,
+                                              echo_upstream: Any, test_ca: Any) -> None:
+    cfg = {"identity": {"issuers": [oidc.config()]}, "approvals": {"timeout_seconds": 1},
+           "targets": [http_target("echo", echo_upstream, test_ca)]}
+    gw = gateway_factory(cfg, {"p.yaml": POLICY}, env={"UPSTREAM_TOKEN": UPSTREAM_TOKEN})
     token = oidc.token(groups=["agents"])
     before = len(echo_upstream.requests)
     code, body = curl(gw, f"https://localhost:{echo_upstream.port}/v1/users/7", token,
                       "-X", "DELETE")
-    assert code == 403 and body["error"] == "approval_required"
+    assert code == 403 and body["error"] == "approval_timeout" and body["approval_id"]
     assert len(echo_upstream.requests) == before
 
 
