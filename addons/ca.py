@@ -18,11 +18,31 @@ def ensure_ca(state_dir: Path):  # noqa: ANN201 - mitmproxy CertStore
     return certs.CertStore.from_store(str(state_dir), "mitmproxy", 2048)
 
 
+def san_names(*names: str) -> list:  # noqa: ANN201 - x509.GeneralName list
+    """Subject alternative names as x509 objects (mitmproxy deprecates plain strings)."""
+    import ipaddress
+
+    from cryptography import x509
+
+    out: list = []
+    for n in dict.fromkeys(names):
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            out.append(x509.DNSName(n))
+    return out
+
+
+def issue(state_dir: Path, hostname: str = "localhost"):  # noqa: ANN201 - CertStoreEntry
+    """A certificate from the gateway CA for `hostname`, localhost and 127.0.0.1."""
+    store = ensure_ca(state_dir)
+    return store, store.get_cert(hostname, san_names(hostname, "localhost", "127.0.0.1"))
+
+
 def issue_server_context(state_dir: Path, hostname: str = "localhost") -> ssl.SSLContext:
     from cryptography.hazmat.primitives import serialization
 
-    store = ensure_ca(state_dir)
-    entry = store.get_cert(hostname, [hostname, "localhost", "127.0.0.1"])
+    store, entry = issue(state_dir, hostname)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     with tempfile.TemporaryDirectory() as tmp:

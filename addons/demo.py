@@ -18,7 +18,7 @@ from addons.config import GatewayConfig, TargetConfig
 
 def prepare_state(config_path: Path) -> Path:
     """Create what gateway.yaml's demo targets refer to: the upstream CA file and certs."""
-    from addons.ca import ensure_ca
+    from addons.ca import issue
 
     raw = yaml.safe_load(config_path.read_text()) or {}
     state_dir = Path(raw.get("state_dir", ".portcullis"))
@@ -26,8 +26,7 @@ def prepare_state(config_path: Path) -> Path:
         state_dir = config_path.resolve().parent / state_dir
     demo_dir = state_dir / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = ensure_ca(state_dir)
-    entry = store.get_cert("localhost", ["localhost", "127.0.0.1"])
+    store, entry = issue(state_dir, "localhost")
     (demo_dir / "upstream-cert.pem").write_bytes(entry.cert.to_pem())
     key_path = demo_dir / "upstream-key.pem"
     key_path.write_bytes(entry.privatekey.private_bytes(

@@ -326,6 +326,32 @@ class Bind(Message):
         r.end()
         return cls(portal, statement, pf, params, rf)
 
+    @staticmethod
+    def peek(body: bytes) -> tuple[str, str, tuple[int, ...]]:
+        """(portal, statement, result formats) without materialising the parameters: the
+        relay needs only these, and Bind is on every prepared execution. Validates the same
+        framing as `decode`."""
+        r = Reader(body)
+        portal, statement = r.cstr(), r.cstr()
+        _read_formats(r)
+        n = r.count()
+        data, pos = r.data, r.pos
+        for _ in range(n):
+            if pos + 4 > len(data):
+                raise ProtocolError("message truncated")
+            size = _I32.unpack_from(data, pos)[0]
+            pos += 4
+            if size > 0:
+                pos += size
+            elif size < -1:
+                raise ProtocolError("negative value length")
+        if pos > len(data):
+            raise ProtocolError("message truncated")
+        r.pos = pos
+        formats = _read_formats(r)
+        r.end()
+        return portal, statement, formats
+
     def result_format(self, column: int) -> int:
         """Format of result column `column` (0-based) per the protocol's 0/1/N rule."""
         if not self.result_formats:

@@ -1,0 +1,343 @@
+"""The READY phase: every client message decided, every upstream answer put in its place.
+
+Rules (PostgreSQL's own, which clients rely on):
+- Simple Query: the whole message is decided at once; if any statement is refused, none runs:
+  the client gets ErrorResponse + ReadyForQuery and the upstream never sees the text.
+- Extended protocol: the text is decided at Parse, execution is re-checked at Execute (token
+  expiry, policy version, audit). A refused message produces one ErrorResponse; the session then
+  discards client messages until Sync and answers exactly one ReadyForQuery for that Sync (the
+  upstream's own one when part of the batch already went upstream). The error is sent at once,
+  not at Sync, so a client that sends Flush and waits (asyncpg) sees it.
+- Responses keep their order: `queue` holds one `Pending` per message forwarded upstream (what
+  completes it) and `Local` answers the gateway makes itself; a Local leaves as soon as every
+  upstream answer queued before it has arrived. After an upstream error in a batch, the upstream
+  skips to Sync, and so do the pending entries (and gateway errors queued in that batch).
+- Results: RowDescription OIDs are resolved through the catalog (cached per upstream) and rows
+  are masked by `results.RowPlan`; upstream errors and notices are scrubbed the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import deque
+from typing import Any
+
+from addons.identity import still_valid
+from addons.model import AuditUnavailable, AuthError
+from proxy_db.answers import RFQ, Answers, Exec, Local, Pending
+from proxy_db.backend import ErrorResponse
+from proxy_db.catalog import CatalogCache
+from proxy_db.framing import MessageFramer
+from proxy_db.gate import Gate, Verdict
+from proxy_db.messages import (
+    Bind,
+    Close,
+    Describe,
+    Execute,
+    FunctionCall,
+    Parse,
+    ProtocolError,
+    Query,
+)
+from proxy_db.session import LookupFunction
+
+log = logging.getLogger("portcullis.postgres")
+_EMPTY_TEXT = Query("").encode()
+# Stand-ins for refused statements: rejected by the upstream's parser, so nothing runs.
+_POISON_SQL = "PORTCULLIS REFUSED THIS STATEMENT"
+_POISON_QUERY = Query(_POISON_SQL).encode()
+
+
+class Relay(Answers):
+    """Client side of the READY phase; the upstream side is `answers.Answers`."""
+
+    def __init__(self, session: Any, status: bytes) -> None:
+        self.s = session
+        self.env = session.env
+        self.txn = status
+        limits = self.env.limits
+        self.cf = MessageFramer(limits.frontend)
+        self.uf = MessageFramer(limits.backend)
+        self.queue: deque[Pending | Local] = deque()
+        self.discarding = False
+        self.batch_forwarded = False
+        self.gate = Gate(session.target.name)
+        self._poison_parse = Parse(f"portcullis_refused_{secrets.token_hex(8)}",
+                                   _POISON_SQL).encode()
+        self.catalog: CatalogCache = self.env.catalogs.setdefault(session.target.name,
+                                                                  CatalogCache())
+        # Parsed statements and bound portals as the client sees them (decisions at Parse).
+        self.statements: dict[str, tuple[Verdict, str]] = {}
+        self.portals: dict[str, tuple[str, tuple[int, ...]]] = {}
+        # Whether the row shape of a portal/statement will be known before its rows arrive.
+        self.described_portals: set[str] = set()
+        self.described_statements: set[str] = set()
+        # Row descriptions as the upstream reported them (in upstream order).
+        self.portal_rowdesc: dict[str, bytes] = {}
+        self.stmt_rowdesc: dict[str, bytes] = {}
+        # Row plans by (RowDescription, formats, masks, statement shape): per-row work only.
+        self.plans: dict[tuple[Any, ...], tuple[Any, int, Any]] = {}
+        self.client_backlog: list[tuple[bytes, bytes]] = []
+        self.client_paused: str | None = None
+        self.upstream_backlog: list[tuple[bytes, bytes]] = []
+        self.upstream_paused: str | None = None
+        self.pending_function: tuple[FunctionCall, bytes] | None = None
+        self.upstream_portals: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._detectors_policy: Any = None
+        self._detectors: tuple[str, ...] = ()
+
+    # ---------------------------------------------------------------------------------------
+    # client -> upstream
+
+    def client_data(self, data: bytes) -> None:
+        frames = self.cf.feed(data)
+        if self.client_paused:
+            self.client_backlog.extend(frames)
+            self._check_backlog(self.client_backlog)
+            return
+        self._client_frames(frames)
+
+    def _client_frames(self, frames: list[tuple[bytes, bytes]]) -> None:
+        for i, (type_, raw) in enumerate(frames):
+            if self.s.closed:
+                return
+            if self.client_paused:
+                self.client_backlog.extend(frames[i:])
+                return
+            self._client_message(type_, raw)
+
+    def _client_message(self, t: bytes, raw: bytes) -> None:
+        if self.discarding and t not in (b"S", b"X"):
+            if t == b"H" and self.batch_forwarded:
+                self.s.send_upstream(raw)
+            return
+        if t == b"Q":
+            self._query(raw)
+        elif t == b"P":
+            self._parse(raw)
+        elif t == b"B":
+            self._bind(raw)
+        elif t == b"E":
+            self._execute(raw)
+        elif t == b"S":
+            self._sync(raw)
+        elif t == b"D":
+            d = Describe.decode(raw[5:])
+            if d.kind == b"P":
+                self.described_portals.add(d.name)
+            else:
+                self.described_statements.add(d.name)
+            self._forward(raw, Pending("DP" if d.kind == b"P" else "DS", name=d.name))
+        elif t == b"C":
+            c = Close.decode(raw[5:])
+            if c.kind == b"S":
+                self.statements.pop(c.name, None)
+                self.described_statements.discard(c.name)
+                self.gate.forget(c.name)
+            else:
+                self.portals.pop(c.name, None)
+            self._forward(raw, Pending("C"))
+        elif t == b"H":
+            if self.batch_forwarded:
+                self.s.send_upstream(raw)
+        elif t in (b"d", b"c", b"f"):
+            self.s.send_upstream(raw)  # COPY FROM STDIN data: its statement was decided
+        elif t == b"F":
+            self._function_call(raw)
+        elif t == b"X":
+            self.s.send_upstream(raw)
+            self.s.close("client terminated")
+        else:
+            raise ProtocolError(f"unexpected client message {t!r}")
+
+    def _forward(self, raw: bytes, pending: Pending) -> None:
+        self.s.send_upstream(raw)
+        self.queue.append(pending)
+        self.batch_forwarded = True
+
+    def _local(self, data: bytes | None) -> None:
+        self.queue.append(Local(data))
+        self._drain()
+
+    def _identity_ok(self) -> bool:
+        """Continuous verification: an expired token ends the session (FATAL 28P01)."""
+        ident = self.s.identity
+        if ident is not None and not still_valid(ident, self.env.clock()):
+            self._audit_denial(None, "token-expired", "token expired",
+                               {"protocol": "postgres", "summary": "(statement after expiry)"})
+            self.s.refuse(AuthError("token expired"), "portcullis: token expired")
+            return False
+        return True
+
+    def _query(self, raw: bytes) -> None:
+        q = Query.decode(raw[5:])
+        if not self._identity_ok():
+            return
+        policy = self.env.policies.current
+        v = self.gate.decide(policy, self.s.identity, q.sql)
+        if v.empty:
+            # Only comments: the upstream answers EmptyQueryResponse for a canonical empty text.
+            self._forward(_EMPTY_TEXT, Pending("XQ"))
+            self.batch_forwarded = False
+            return
+        ex = self._admit(v, q.sql, policy)
+        if ex is None:
+            return
+        self._forward(raw, Pending("Q", ex))
+        self.batch_forwarded = False  # a Query is its own batch
+
+    def _admit(self, v: Verdict, sql: str, policy: Any, statement: str | None = None,
+               extended: bool = False) -> Exec | None:
+        """Audit the decision; on refusal answer with the error and return None."""
+        op = v.audit_operation()
+        if not v.allowed:
+            err = v.refusal
+            assert err is not None
+            self._audit_denial(v, err.extra.get("rule") or v.decision.rule, v.decision.reason, op)
+            self._refuse(ErrorResponse.make("ERROR", err.sqlstate, err.reason).encode(),
+                         extended)
+            return None
+        try:
+            audit_id = self.env.audit.decision(
+                protocol="postgres", target=self.s.target.name, client=self.s.client,
+                identity=self.s.identity, operation=op, decision=v.decision)
+        except Exception as e:  # noqa: BLE001 - unaudited means refused
+            err2 = e if isinstance(e, AuditUnavailable) else AuditUnavailable("audit failed")
+            log.error("audit write failed; refusing statement from %s", self.s.client)
+            self._refuse(ErrorResponse.make("ERROR", err2.sqlstate,
+                                            f"portcullis: {err2.reason}").encode(), extended)
+            return None
+        self._log("ALLOW", op["summary"], v.decision.rules, audit_id)
+        return Exec(v, audit_id, self.env.monotonic(), sql, policy, statement)
+
+    def _audit_denial(self, v: Verdict | None, rule: str, reason: str,
+                      op: dict[str, Any]) -> None:
+        try:
+            rid = self.env.audit.decision(
+                protocol="postgres", target=self.s.target.name, client=self.s.client,
+                identity=self.s.identity, operation=op,
+                decision=v.decision if v is not None else None, effect="deny", rules=[rule],
+                reason=reason)
+        except Exception:  # noqa: BLE001 - refused anyway
+            log.error("audit write failed for a denied statement from %s", self.s.client)
+            rid = "-"
+        self._log("DENY", op["summary"], (rule,), rid)
+
+    def _log(self, effect: str, summary: str, rules: Any, rid: str) -> None:
+        ident = self.s.identity
+        self.env.decisions.info("%s %s sub=%s target=%s rules=%s id=%s", effect, summary,
+                                ident.sub if ident else "-", self.s.target.name,
+                                ",".join(rules) or "-", rid)
+
+    def _refuse(self, error: bytes, extended: bool) -> None:
+        """Answer a refused message with `error` by sending the upstream a statement that
+        fails to parse (nothing runs) and putting our error in place of the upstream's. The
+        upstream then does what PostgreSQL does after any error: a transaction block becomes
+        aborted, the extended protocol skips to Sync, and exactly one ReadyForQuery carries
+        the true transaction status."""
+        if extended:
+            self._forward(self._poison_parse, Pending("XP", extra=error))
+            self.discarding = True
+        else:
+            self._forward(_POISON_QUERY, Pending("XQ", extra=error))
+            self.batch_forwarded = False
+
+    def _parse(self, raw: bytes) -> None:
+        p = Parse.decode(raw[5:])
+        if not self._identity_ok():
+            return
+        policy = self.env.policies.current
+        v = self.gate.decide_parse(policy, self.s.identity, p.name, p.sql)
+        if not v.allowed:
+            err = v.refusal
+            assert err is not None
+            self._audit_denial(v, err.extra.get("rule") or v.decision.rule, v.decision.reason,
+                               v.audit_operation())
+            self._refuse(ErrorResponse.make("ERROR", err.sqlstate, err.reason).encode(), True)
+            return
+        self.statements[p.name] = (v, p.sql)
+        self.described_statements.discard(p.name)
+        self._forward(raw, Pending("P", name=p.name))
+
+    def _bind(self, raw: bytes) -> None:
+        portal, statement, formats = Bind.peek(raw[5:])
+        self.portals[portal] = (statement, formats)
+        self.described_portals.discard(portal)
+        self._forward(raw, Pending("B", name=portal, extra=(statement, formats)))
+
+    def _execute(self, raw: bytes) -> None:
+        e = Execute.decode(raw[5:])
+        if not self._identity_ok():
+            return
+        policy = self.env.policies.current
+        bound = self.portals.get(e.portal)
+        if bound is None:
+            # A cursor made by DECLARE (its rows are masked through RowDescription): decide
+            # the fetch as the SQL text FETCH would be.
+            sql = 'FETCH ALL IN "' + e.portal.replace('"', '""') + '"'
+            v, stmt = self.gate.decide(policy, self.s.identity, sql), None
+        else:
+            stmt = bound[0]
+            known = self.statements.get(stmt)
+            if known is None:
+                v, sql = self.gate.decide_prepared(policy, self.s.identity, stmt), ""
+            else:
+                v, sql = known
+                if v.policy is not policy:  # a new policy version since Parse: decide again
+                    v = self.gate.decide(policy, self.s.identity, sql)
+                    self.statements[stmt] = (v, sql)
+        ex = self._admit(v, sql, policy, stmt, extended=True)
+        if ex is None:
+            return
+        if ex.plan is None and not (e.portal in self.described_portals
+                                    or (stmt is not None and stmt in self.described_statements)):
+            # Masks are in force and the client never asked for the row shape: ask for it
+            # ourselves (the answer is swallowed) so rows are never passed unmasked.
+            self._forward(Describe(b"P", e.portal).encode(), Pending("DI", name=e.portal))
+        self._forward(raw, Pending("E", ex, name=e.portal))
+
+    def _sync(self, raw: bytes) -> None:
+        self.discarding = False
+        if self.batch_forwarded:
+            self._forward(raw, Pending("S"))
+        else:
+            self._local(RFQ)  # leaves after earlier answers, with the status current then
+        self.batch_forwarded = False
+
+    def _function_call(self, raw: bytes) -> None:
+        fc = FunctionCall.decode(raw[5:])
+        if not self._identity_ok():
+            return
+        name = self.catalog.functions.get(fc.oid)
+        if name is None:
+            self.pending_function = (fc, raw)
+            self.client_paused = "function"
+            self.s.act(LookupFunction(fc.oid))
+            return
+        self._decide_function(fc, raw, name)
+
+    def _decide_function(self, fc: FunctionCall, raw: bytes, name: str | None) -> None:
+        policy = self.env.policies.current
+        v = self.gate.decide_function(policy, self.s.identity, name, fc.oid)
+        ex = self._admit(v, "", policy)
+        if ex is None:
+            return
+        self._forward(raw, Pending("F", ex))
+        self.batch_forwarded = False
+
+    def function_found(self, name: str | None) -> None:
+        if self.pending_function is None:
+            return
+        fc, raw = self.pending_function
+        self.pending_function = None
+        if name is not None:
+            self.catalog.functions[fc.oid] = name
+        self.client_paused = None
+        self._decide_function(fc, raw, name)
+        self._resume_client()
+
+    def _resume_client(self) -> None:
+        backlog, self.client_backlog = self.client_backlog, []
+        self._client_frames(backlog)
+
