@@ -16,6 +16,9 @@ docs/masking.md, "Performance"):
   and the character before it with a look-behind;
 - detectors without a cheap first character are anchored elsewhere and widened by their
   validator: e-mail on "@", JWT on the "J" of "eyJ", IPv6 on its first ":".
+Long ASCII texts with few digit runs take the candidate scan (`_scan_candidates`): literal
+searches in C find where a match can start, and the combined pattern is tried only there,
+with exactly the same result.
 No pattern matches NUL, so `addons.masking` scans all string values of a JSON document joined
 by NUL in a single call (`find(..., mode="joined")`); no hit can span two values. In mode
 "json" no hit can span a '"' either, which lets the raw text of a JSON body be scanned as is.
@@ -32,7 +35,7 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 DETECTORS = ("private_key", "jwt", "aws_access_key", "email", "iban", "credit_card", "ssn",
              "phone", "ip_address")
@@ -104,24 +107,36 @@ assert {a.detector for a in _ALTS} == set(DETECTORS)
 Span = tuple[int, int] | None
 
 
-_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")  # digit -> digit sum of 2 * digit
+# Each digit counted once by sum(raw); a doubled digit adds digit-sum(2d) - d, stored + 4 so
+# that it fits in a byte: 0..9 -> 4, 5, 6, 7, 8, 0, 1, 2, 3, 4.
+_DOUBLED_EXTRA = bytes.maketrans(b"0123456789", bytes([4, 5, 6, 7, 8, 0, 1, 2, 3, 4]))
 
 
 def luhn_ok(digits: str) -> bool:
     """Luhn checksum of an ASCII digit string (byte sums: no Python loop per digit)."""
-    raw = digits.encode("ascii")
-    total = sum(raw[-1::-2]) + sum(raw[-2::-2].translate(_DOUBLED)) - 48 * len(raw)
+    return _luhn(digits.encode("ascii"))
+
+
+def _luhn(raw: bytes) -> bool:
+    doubled = raw[-2::-2]
+    total = sum(raw) - 48 * len(raw) + sum(doubled.translate(_DOUBLED_EXTRA)) - 4 * len(doubled)
     return total % 10 == 0
+
+
+_DASH_TO_SPACE = bytes.maketrans(b"-", b" ")
 
 
 _CARD_SHAPE = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
 
 
 def _credit_card(text: str, start: int, end: int) -> Span:
-    # 13-19 digits with at most one space or dash between two digits.
-    if _CARD_SHAPE.fullmatch(text, start, end):
-        digits = text[start:end].replace(" ", "").replace("-", "")
-        if 13 <= len(digits) <= 19 and luhn_ok(digits):
+    # 13-19 digits with at most one space or dash between two digits. The candidate pattern
+    # already holds only digits, spaces and dashes and starts and ends with a digit, so its
+    # shape is right unless two separators touch.
+    spaced = text[start:end].encode("ascii").translate(_DASH_TO_SPACE)
+    if b"  " not in spaced:
+        digits = spaced.translate(None, b" ")
+        if 13 <= len(digits) <= 19 and _luhn(digits):
             return start, end
     # Slow path (rare): shorter prefixes ending at a group end, so "4111 1111 1111 1111 2024"
     # still finds the card that is followed by another number.
@@ -209,9 +224,8 @@ def _email(text: str, start: int, end: int) -> Span:
 
 
 def _phone(text: str, start: int, end: int) -> Span:
-    span = text[start:end]
-    count = (len(span) - span.count(" ") - span.count("-") - span.count(".") - span.count("(")
-             - span.count(")") - span.count("+"))
+    # the candidate holds ASCII digits and " .()+-" only: count the digits in C
+    count = len(text[start:end].encode("ascii", "replace").translate(None, b" -.()+"))
     return (start, end) if 7 <= count <= 15 else None
 
 
@@ -283,6 +297,7 @@ class _Scanner(NamedTuple):
     # its anchors, with their stand-alone patterns. Only those can still match where it failed
     # (the ones before it were already tried there by the combined pattern).
     retries: tuple[tuple[tuple[int, re.Pattern[str]], ...], ...]
+    sources: frozenset[str]  # where `_candidates` looks for starts (see there)
 
 
 # What a private key's body may contain, per scanning mode: plain text; values joined by NUL;
@@ -329,8 +344,14 @@ def _scanner(detectors: frozenset[str], mode: str) -> _Scanner:
         for pos, i in enumerate(indices):
             retries[i] = tuple((j, exact[j]) for j in indices[pos + 1:])
     validators = tuple(_VALIDATORS[a.detector] for a in alts)
+    sources = frozenset(_SOURCE[a.first] if a.kind != "digit" else "runs" for a in alts)
     return _Scanner(compiled, alts, tuple(by_group), validators,
-                    tuple(a.detector for a in alts), tuple(retries))
+                    tuple(a.detector for a in alts), tuple(retries), sources)
+
+
+# How `_candidates` finds the places where an alternative can start, by its anchor class.
+_SOURCE = {r"\-": "pem", "y": "jwt", "A": "aws", "[A-Z]": "iban", "@": "email", r"\+": "plus",
+           r"\(": "runs", ":": "colon"}
 
 
 def check_detectors(names: Iterable[str]) -> tuple[str, ...]:
@@ -361,6 +382,18 @@ def scan(text: str, detectors: Iterable[str] = DETECTORS, mode: str = "text"
     if not text or not wanted:
         return []
     scanner = _scanner(wanted, mode)
+    if len(text) >= CANDIDATES_MIN and text.isascii():
+        copy = text.encode("ascii").translate(_COPY_TABLE)
+        # Both scans find the same hits; which is faster depends on the text. The candidate
+        # scan pays a Python step per run of 7+ digits and separators, the combined scan a
+        # matcher entry (in C) per digit: with many runs (PII-dense text) the latter wins.
+        if copy.count(b"0000000") * RUN_SPACING < len(text):
+            return _scan_candidates(text, scanner, copy)
+    return _scan_combined(text, scanner)
+
+
+def _scan_combined(text: str, scanner: _Scanner) -> list[tuple[int, int, str]]:
+    """`scan` with one left-to-right search of the combined pattern (any text)."""
     finditer = scanner.combined.finditer
     by_group, validators, names = scanner.by_group, scanner.validators, scanner.names
     hits: list[tuple[int, int, str]] = []
@@ -399,6 +432,129 @@ def scan(text: str, detectors: Iterable[str] = DETECTORS, mode: str = "text"
         if restart < 0:
             break
         pos = restart
+    return hits if ordered else _merge(hits)
+
+
+# Where a match of the combined pattern can start, found with fast literal searches instead of
+# entering the matcher at every anchor character (every digit, colon and capital letter):
+# - "runs": every digit-run alternative (and "(415) 555-2671") needs its anchor and the six
+#   characters after it in [0-9 ().-], and consists of such characters only. In an ASCII copy
+#   where those characters are "0" (capitals "A", the rest "x"), one literal search finds the
+#   runs of 7+; the combined pattern is then searched inside each run only, with the end
+#   position two characters past it (its look-aheads read at most two characters further).
+# - "iban": two capitals and two digits ("AA00" in the copy); "pem", "jwt", "aws", "email",
+#   "plus": the literal text each alternative starts with; "colon": where the IPv6 pattern
+#   matches.
+# Extra candidates only cost a failed `match`. A missed place would be a missed hit, so each
+# source is a superset of the places where its alternatives match (a bare run of under 13
+# digits is skipped: it matches at most a card candidate that cannot pass Luhn's length).
+# tests/test_detectors.py checks `_scan_candidates` against `_scan_combined`.
+_COPY_TABLE = bytes(48 if chr(c) in "0123456789 ().-" else 65 if chr(c).isupper() and c < 128
+                    else 120 for c in range(256))
+_RUN = re.compile(b"0000000+")
+# the IPv6 alternative's own pattern, as a look-ahead: every place where it matches
+_COLON = re.compile("".join(f":(?={a.second}{a.rest})" for a in _ALTS if a.first == ":"))
+_LITERALS = {"pem": ("-----BEGIN", 0), "jwt": ("eyJ", 1), "email": ("@", 0),
+             "plus": ("+", 0)}
+CANDIDATES_MIN = 256  # shorter texts: one combined scan costs less than the set-up
+RUN_SPACING = 80  # the candidate scan while there is under one 7-run per 80 characters
+
+
+def _find_all(haystack: Any, needle: Any, shift: int, out: list[int]) -> None:
+    i = haystack.find(needle)
+    while i >= 0:
+        out.append((i + shift) * 2 + 1)
+        i = haystack.find(needle, i + 1)
+
+
+def _candidates(text: str, sources: frozenset[str], copy: bytes
+                ) -> tuple[list[int], dict[int, int]]:
+    """Sorted events: 2*start+1 for a place to try, 2*start for a run (its end in `runs`).
+    `copy` is the text translated with `_COPY_TABLE`."""
+    events: list[int] = []
+    runs: dict[int, int] = {}
+    if "runs" in sources or "iban" in sources:
+        if "runs" in sources:
+            for m in _RUN.finditer(copy):
+                a, b = m.span()
+                runs[a] = b
+                events.append(a * 2)
+        if "iban" in sources:
+            _find_all(copy, b"AA00", 0, events)
+    for source in sources:
+        lit = _LITERALS.get(source)
+        if lit is not None:
+            _find_all(text, lit[0], lit[1], events)
+    if "aws" in sources:
+        _find_all(text, "AKIA", 0, events)
+        _find_all(text, "ASIA", 0, events)
+    if "colon" in sources:
+        events += [m.start() * 2 + 1 for m in _COLON.finditer(text)]
+    events.sort()
+    return events, runs
+
+
+def _scan_candidates(text: str, scanner: _Scanner, copy: bytes) -> list[tuple[int, int, str]]:
+    """`scan` of a long ASCII text, trying the combined pattern only where `_candidates` says
+    a match can start: the same matches, in the same order, so the same hits."""
+    events, runs = _candidates(text, scanner.sources, copy)
+    combined = scanner.combined
+    by_group, validators, names = scanner.by_group, scanner.validators, scanner.names
+    retries = scanner.retries
+    n = len(text)
+    hits: list[tuple[int, int, str]] = []
+    pos = 0  # where the original left-to-right scan would search next
+    last_end = -1
+    ordered = True
+    for event in events:
+        at = event >> 1
+        if event & 1:
+            if at < pos:
+                continue
+            m = combined.match(text, at)
+            if m is None:
+                continue
+            run_end = -1
+        else:
+            run_start, run_end = at, runs[at]
+            if run_end - at < 13 and text[at:run_end].isdigit():
+                continue  # a bare run of under 13 digits holds no hit
+            m = None
+        while True:
+            if run_end >= 0:  # the next match inside the run, if any
+                start = pos if pos > run_start else run_start
+                if start > run_end - 7:
+                    break
+                m = combined.search(text, start, run_end + 2 if run_end + 2 < n else n)
+                if m is None or m.start() >= run_end:
+                    break
+            at, end = m.span()  # type: ignore[union-attr]
+            index = by_group[m.lastindex]  # type: ignore[union-attr,index]
+            check = validators[index]
+            span = (at, end) if check is _accept else check(text, at, end)
+            name = names[index]
+            if span is None:
+                for j, pattern in retries[index]:
+                    again = pattern.match(text, at)
+                    if again is not None:
+                        span = validators[j](text, at, again.end())
+                        if span is not None:
+                            name = names[j]
+                            break
+                if span is None:
+                    # no hit starts inside a run of digits: scan on from its end
+                    pos = end if text[at:end].isdigit() else at + 1
+                    if run_end < 0:
+                        break
+                    continue
+            start, stop = span
+            if start < last_end:
+                ordered = False
+            hits.append((start, stop, name))
+            last_end = stop
+            pos = end if stop == end else max(stop, at + 1)
+            if run_end < 0:
+                break
     return hits if ordered else _merge(hits)
 
 

@@ -178,3 +178,76 @@ def test_values_are_found_between_punctuation(value: str, left: str, right: str)
     text = f"x{left} {value} {right}y"
     assert any(value in text[h.start:h.end] or text[h.start:h.end] in value
                for h in det.find(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# The candidate scan (long ASCII texts) must find exactly what the combined scan finds.
+
+PIECES = sorted({v for vs in POSITIVE.values() for v in vs} | {
+    v for vs in NEGATIVE.values() for v in vs} | {
+    "4111 1111 1111 1111 2024", "1 (800) 555-1234", "12:34:56", "2024-05-12T10:11:00Z",
+    "fe80::1:2:3", "1:2:3:4:5:6:7:8", "std::string", "x@y", "AKIA", "eyJ", "-----BEGIN",
+    "4111  1111 1111 1111", "1.2.3.4.5", "0000000", "       ", "--------", "(((", ")))"})
+FILLER = st.text(alphabet="0123456789 ().-:+@aAeyJKSZ\"\n\x00_x", max_size=12)
+
+
+def _both_scans(text: str, detectors: frozenset[str], mode: str) -> tuple[list, list]:
+    scanner = det._scanner(detectors, mode)
+    copy = text.encode("ascii").translate(det._COPY_TABLE)
+    return det._scan_candidates(text, scanner, copy), det._scan_combined(text, scanner)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(PIECES), FILLER), min_size=1, max_size=40),
+       st.sampled_from(det.MODES),
+       st.one_of(st.just(frozenset(det.DETECTORS)),
+                 st.frozensets(st.sampled_from(det.DETECTORS), min_size=1)))
+def test_candidate_scan_equals_combined_scan(parts: list[str], mode: str,
+                                             detectors: frozenset[str]) -> None:
+    text = "".join(parts).encode("ascii", "replace").decode("ascii")
+    fast, reference = _both_scans(text, detectors, mode)
+    assert fast == reference
+
+
+def test_long_texts_take_the_candidate_scan_and_find_every_value() -> None:
+    filler = "lorem ipsum 2024-05-12T10:11:00Z order 1234567 v1.2.3 " * 6
+    for name, values in POSITIVE.items():
+        for value in values:
+            if not value.isascii():
+                continue
+            text = f"{filler}[{value}]{filler}"
+            assert len(text) >= det.CANDIDATES_MIN
+            hits = det.scan(text, det.DETECTORS)
+            fast, reference = _both_scans(text, frozenset(det.DETECTORS), "text")
+            assert hits == fast == reference
+            assert any(text[s:e] == value and d == name for s, e, d in hits), (name, value)
+
+
+def test_long_texts_keep_look_alikes_alone() -> None:
+    filler = "pending refund customer account " * 10
+    for name, values in NEGATIVE.items():
+        for value in values:
+            text = f"{filler}[{value}]{filler}"
+            assert name not in {d for _s, _e, d in det.scan(text, [name])}, (name, value)
+
+
+def test_luhn_matches_the_textbook_loop() -> None:
+    import random
+
+    def textbook(digits: str) -> bool:
+        total = 0
+        for i, ch in enumerate(reversed(digits)):
+            d = int(ch) * (2 if i % 2 else 1)
+            total += d - 9 if d > 9 else d
+        return total % 10 == 0
+
+    rnd = random.Random(7)
+    for _ in range(5000):
+        digits = "".join(rnd.choice("0123456789") for _ in range(rnd.randrange(1, 20)))
+        assert det.luhn_ok(digits) == textbook(digits), digits
+
+
+def test_card_with_doubled_separators_is_not_one_card() -> None:
+    assert not det.find("4111  1111 1111 1111", ["credit_card"])
+    assert not det.find("4111 -1111 1111 1111", ["credit_card"])
+    assert det.find("4111-1111-1111-1111", ["credit_card"])

@@ -406,3 +406,30 @@ def test_raw_fast_path_equals_tree_path(parts: list[tuple[str, str]], pretty: bo
     text = json.dumps(doc, indent=2 if pretty else None, ensure_ascii=False)
     raw = json.loads(masking.mask_json_text(text, [det_mask()], KEY).value)
     assert raw == masking.mask_json(doc, [det_mask()], KEY).value
+
+
+def test_key_path_cache_never_keeps_a_sensitive_key() -> None:
+    text = json.dumps({"alice@example.com": "bob@example.com", "contact": "carol@example.com",
+                       "contact2": "dave@example.com"})
+    for _ in range(2):  # the second time from the cache
+        r = masking.mask_json_text(text, [det_mask()], KEY)
+        assert r.touched == ("$..*", "$..*", "$..contact", "$..contact2")
+        assert r.count == 4 and "example.com" not in r.value
+    assert masking._KEY_PATHS.get("contact") == "$..contact"
+    assert not any("@" in k or "@" in v for k, v in masking._KEY_PATHS.items())
+
+
+def test_long_pii_dense_bodies_fast_path_equals_tree_path() -> None:
+    # Bodies over the detectors' CANDIDATES_MIN take the candidate scan when digit runs are
+    # sparse and the combined scan when they are dense: both must mask like the tree path.
+    sparse = {"items": [{"name": f"web-{i:04x}abc", "podIP": f"10.244.{i}.7",
+                         "note": "lorem ipsum dolor sit amet " * 3} for i in range(20)]}
+    dense = {"users": [{"card": "4111 1111 1111 1111", "phone": "+1 415 555 2671",
+                        "ip": f"10.0.0.{i}", "order": "1234567890123456",
+                        "ssn": "123-45-6789", "mail": f"u{i}@example.com"} for i in range(20)]}
+    for doc in (sparse, dense):
+        text = json.dumps(doc)
+        fast = masking.mask_json_text(text, [det_mask()], KEY)
+        tree = masking.mask_json(json.loads(text), [det_mask()], KEY)
+        assert json.loads(fast.value) == tree.value
+        assert fast.count == tree.count > 0
