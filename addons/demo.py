@@ -34,6 +34,10 @@ def prepare_state(config_path: Path) -> Path:
         serialization.NoEncryption()))
     key_path.chmod(0o600)
     (demo_dir / "upstream-ca.pem").write_bytes(store.default_ca.to_pem())
+    from demo.pg_cluster import PASSWORDS
+
+    (demo_dir / "pg.password").write_text(PASSWORDS["gw_scram"] or "")
+    (demo_dir / "pg.password").chmod(0o600)
     for name in ("sample-api.token", "k8s.token"):
         token_file = demo_dir / name
         if not token_file.exists():
@@ -83,6 +87,17 @@ def start_upstreams(config: GatewayConfig, demo_dir: Path) -> list[Any]:
             token=k8s.credentials.token.reveal() if k8s.credentials.token else None,
             tls_files=(demo_dir / "upstream-cert.pem", demo_dir / "upstream-key.pem",
                        demo_dir / "upstream-ca.pem")).start())
+    pg = _target(config, "postgres")
+    if pg is not None:
+        from demo import pg_cluster
+
+        if pg_cluster.available():
+            cluster = pg_cluster.PgCluster(port=pg.upstream.port).start()
+            started.append(cluster)
+            cluster.create_database(pg.upstream.dbname)
+        else:
+            print("portcullis demo: no PostgreSQL server binaries (initdb/pg_ctl); the "
+                  "Postgres part of the demo is skipped", flush=True)
     return started
 
 
@@ -125,6 +140,19 @@ def commands(config: GatewayConfig) -> str:
                   f"{kubectl} exec web-1 -- ls",
                   "# denied: a shell is not an allowed command",
                   f"{kubectl} exec -i web-1 -- sh"]
+    pg = _target(config, "postgres")
+    from demo import pg_cluster
+
+    if pg is not None and config.listen_postgres and pg_cluster.available():
+        host, port = config.listen_postgres
+        conn = f"host={host} port={port} dbname={pg.database} user=agent-7 sslmode=require"
+        lines += ["",
+                  "# PostgreSQL: the token is the password; the gateway logs in upstream itself",
+                  f"export PGPASSWORD=$TOKEN PGSSLROOTCERT={ca}",
+                  "# allowed; ssn and card are masked, emails hashed",
+                  f"psql \"{conn}\" -c 'SELECT name, email, ssn, card FROM customers'",
+                  "# denied: agents never drop tables",
+                  f"psql \"{conn}\" -c 'DROP TABLE customers'"]
     lines += ["", "# what masks and rules apply, and why",
               f"./mitm.sh policy explain{cfg} --sub agent-7 --groups agents "
               f"--target {api.name if api else 'sample-api'} --http 'GET /v1/users'",

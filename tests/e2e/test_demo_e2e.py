@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.fixtures import pg_cluster
 from tests.fixtures.gateway import ROOT, free_port
 
 
@@ -28,8 +29,13 @@ def demo(tmp_path: Path) -> Any:
     cfg["policies"] = str(ROOT / "policies")
     cfg["listen"]["proxy"] = f"127.0.0.1:{free_port()}"
     cfg["listen"]["admin"] = f"127.0.0.1:{free_port()}"
+    cfg["listen"]["postgres"] = f"127.0.0.1:{free_port()}"
     for t in cfg["targets"]:
         port = free_port()
+        if t["protocol"] == "postgres":
+            t["upstream"]["port"] = port
+            t["upstream"]["password_file"] = str(tmp_path / "state/demo/pg.password")
+            continue
         t["hosts"] = [f"localhost:{port}"]
         t["credentials"]["token_file"] = str(tmp_path / "state/demo" / Path(
             t["credentials"]["token_file"]).name)
@@ -116,6 +122,12 @@ def test_demo_commands_show_allow_deny_review_and_audit(demo: Any) -> None:
     assert '"unauthenticated"' in text, text
     assert re.search(r"OK \(\d+ records, hash chain intact\)", text), text
     assert "sample-api-read" in text  # audit show / explain name the rule
+    if pg_cluster.available():
+        psql = text.split("SELECT name, email, ssn, card FROM customers", 1)[1]
+        assert "Ada Lovelace" in psql, text
+        assert "123-45-6789" not in psql and "4111111111111111" not in psql, psql
+        assert "ada@example.com" not in psql, psql
+        assert "portcullis: denied by rule db-no-ddl" in text, text
     if shutil.which("kubectl"):
         assert "web-1" in text and "Running" in text, text  # kubectl get pods
         assert "etc" in text.split("exec web-1 -- ls", 1)[1], text  # allowed exec ran
