@@ -85,8 +85,11 @@ class AuditLog:
                     raise OSError("audit log is closed")
                 rec = dict(record)
                 rec["prev_hash"] = self.prev_hash
-                rec["hash"] = record_hash(rec)
-                line = canonical(rec) + b"\n"
+                # Serialise once: the hash covers the canonical form without "hash", and the
+                # line is that form with the hash appended (verify re-canonicalises anyway).
+                body = canonical(rec)
+                rec["hash"] = hashlib.sha256(body).hexdigest()
+                line = body[:-1] + b',"hash":"' + rec["hash"].encode() + b'"}\n'
                 written = self._fh.write(line)
                 if written != len(line):
                     raise OSError("short write")
