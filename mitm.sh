@@ -21,7 +21,7 @@ ensure_venv() {
   if [ ! -x "$venv/bin/python" ]; then
     local py
     py="$(find_python)" || { echo "mitm.sh: need Python >= 3.11 (set PORTCULLIS_PYTHON)" >&2; exit 2; }
-    echo "mitm.sh: creating .venv with $("$py" --version 2>&1)" >&2
+    echo "mitm.sh: creating $(basename "$venv") with $("$py" --version 2>&1)" >&2
     "$py" -m venv "$venv"
   fi
   # Reinstall when pyproject.toml changed since the last install.
