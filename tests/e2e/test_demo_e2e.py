@@ -78,7 +78,7 @@ def test_demo_commands_show_allow_deny_review_and_audit(demo: Any) -> None:
     results = []
     env = {**os.environ, "COLUMNS": "200"}
     background: list[tuple[str, subprocess.Popen[str]]] = []
-    last = ""
+    last = prev = ""
     for cmd in commands:
         if cmd.startswith("export"):
             continue
