@@ -291,23 +291,33 @@ class AuditAddon:
     def request(self, flow: Any) -> None:
         self._guarded(flow, proxy=False)
 
-    def _outcome(self, flow: Any, outcome: dict[str, Any]) -> None:
+    def _outcome(self, flow: Any, outcome: dict[str, Any]) -> bool:
+        """Write the outcome line; False when it could not be written."""
         from addons import flows
 
         rid = flow.metadata.get(flows.AUDIT_ID)
         if rid is None or flow.metadata.get("portcullis.outcome_written"):
-            return
+            return True
         flow.metadata["portcullis.outcome_written"] = True
         started = flow.metadata.get(flows.STARTED)
         duration = (time.monotonic() - started) * 1000 if started is not None else None
         try:
             self.audit.outcome(rid, outcome, flow.metadata.get(flows.MASKED), duration)
-        except Exception:  # noqa: BLE001 - the response is already on its way; say so loudly
+        except Exception:  # noqa: BLE001 - reported by the caller
             flows.log.error("audit outcome for %s could not be written", rid)
+            return False
+        return True
 
     def response(self, flow: Any) -> None:
-        if flow.response is not None:
-            self._outcome(flow, {"status": flow.response.status_code})
+        from addons import flows
+        from addons.model import AuditUnavailable
+
+        if flow.response is None:
+            return
+        if not self._outcome(flow, {"status": flow.response.status_code}) and (
+                not flow.response.stream):
+            # The answer has not left the gateway yet: an unaudited answer is not delivered.
+            flows.refuse(flow, AuditUnavailable("audit log cannot be written; answer withheld"))
 
     def error(self, flow: Any) -> None:
         self._outcome(flow, {"error": str(flow.error.msg) if flow.error else "error"})
