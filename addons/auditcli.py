@@ -88,18 +88,34 @@ def show(path: Path, since: str | None = None, target: str | None = None,
 
 
 def replay(args: argparse.Namespace) -> int:
+    """Open recordings in mitmweb (UI only: no proxy server is started)."""
+    import tempfile
+
     from addons.cli import _load
 
     if args.file:
         files = [Path(args.file)]
+        if not files[0].exists():
+            print(f"portcullis: no such recording {files[0]}", file=sys.stderr)
+            return 2
     else:
         rec_dir = _load(args.config).recordings_dir
         files = sorted(rec_dir.glob("*.mitm")) if rec_dir.exists() else []
     if not files:
         print("portcullis: no recordings found", file=sys.stderr)
         return 2
+    # mitmweb reads one file; flow files are concatenable streams, so join them.
+    with tempfile.NamedTemporaryFile(prefix="portcullis-replay-", suffix=".mitm",
+                                     delete=False) as joined:
+        for f in files:
+            joined.write(f.read_bytes())
     mitmweb = Path(sys.executable).with_name("mitmweb")
-    cmd = [str(mitmweb)] + [a for f in files for a in ("--rfile", str(f))][:2] + [
-        "--set", "web_open_browser=false"]
-    print("opening", ", ".join(map(str, files)), "in mitmweb", flush=True)
-    return subprocess.call(cmd, env=os.environ.copy())
+    cmd = [str(mitmweb), "--rfile", joined.name, "--set", "server=false",
+           "--set", "web_open_browser=false", "--set", "web_host=127.0.0.1",
+           "--set", f"web_port={args.web_port}"]
+    print(f"opening {len(files)} recording(s) in mitmweb at http://127.0.0.1:{args.web_port}/",
+          flush=True)
+    try:
+        return subprocess.call(cmd, env=os.environ.copy())
+    finally:
+        os.unlink(joined.name)

@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("replay", help="open recorded flows in mitmweb")
     with_config(rep)
     rep.add_argument("file", nargs="?", default=None)
+    rep.add_argument("--web-port", type=int, default=8082, help="mitmweb UI port (8082)")
     return p
 
 
