@@ -2,6 +2,11 @@
 measured in the same run, printed as TPS and ratios.
 
     .venv/bin/python bench/postgres.py [--seconds 10] [--scale 10] [--clients 1,8]
+                                       [--modes simple,prepared] [--profile DIR]
+
+`--profile DIR` samples the gateway process with py-spy (`pip install py-spy` into the venv;
+not a project dependency) during each gateway run and writes DIR/<mode>-c<N>.txt (collapsed
+stacks) plus DIR/<mode>-c<N>.top.txt (self and total time per function).
 
 A throwaway PostgreSQL (tests/fixtures/pg_cluster.py) is initialised with `pgbench -i`; the real
 gateway process (`python -m addons.cli run`) fronts it with a policy that allows the benchmark's
@@ -163,12 +168,47 @@ def pgbench(port: int, password: str, mode: str, clients: int, seconds: int) -> 
     return float(m.group(1))
 
 
+def profiled(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen([spy, "record", "--nonblocking", "-r", "250", "-p", str(pid),
+                             "-d", str(seconds), "-f", "raw", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarise(raw: Path, top: int = 40) -> None:
+    """Self and total samples per function from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            total[f] = total.get(f, 0) + n
+    lines = [f"{samples} samples"]
+    for title, table in (("self", own), ("total", total)):
+        lines.append(f"\n-- {title}")
+        for f, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"{100 * n / max(samples, 1):6.1f}%  {f}")
+    raw.with_suffix(".top.txt").write_text("\n".join(lines) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--clients", default="1,8")
+    ap.add_argument("--modes", default="simple,prepared")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="sample the gateway with py-spy during its runs, write stacks here")
     args = ap.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     if not shutil.which("pgbench"):
         print("bench: pgbench not found (apt-get install postgresql-client)", file=sys.stderr)
         return 2
@@ -202,10 +242,18 @@ def main() -> int:
         head += "  gw/direct" + ("  gw/pgbouncer" if bouncer else "")
         print(head)
         verdicts = []
-        for mode in ("simple", "prepared"):
+        for mode in args.modes.split(","):
             for c in clients:
-                tps = {name: pgbench(port, pw, mode, c, args.seconds)
-                       for name, port, pw in routes}
+                tps = {}
+                for name, port, pw in routes:
+                    spy = None
+                    if args.profile and name == "gateway":
+                        out = args.profile / f"{mode}-c{c}.txt"
+                        spy = profiled(gw.proc.pid, out, args.seconds)
+                    tps[name] = pgbench(port, pw, mode, c, args.seconds)
+                    if spy is not None:
+                        spy.wait(30)
+                        summarise(out)
                 line = f"{mode:9} {c:>2}  " + "  ".join(f"{tps[n]:>10.0f}" for n, _, _ in routes)
                 r_direct = tps["gateway"] / tps["direct"]
                 line += f"  {r_direct:>9.2f}"

@@ -40,7 +40,7 @@ from proxy_db.messages import (
     ProtocolError,
     Query,
 )
-from proxy_db.session import LookupFunction
+from proxy_db.session import LOG_LINE, LookupFunction
 
 log = logging.getLogger("portcullis.postgres")
 _EMPTY_TEXT = Query("").encode()
@@ -226,9 +226,14 @@ class Relay(Answers):
 
     def _log(self, effect: str, summary: str, rules: Any, rid: str) -> None:
         ident = self.s.identity
-        self.env.decisions.info("%s %s sub=%s target=%s rules=%s id=%s", effect, summary,
-                                ident.sub if ident else "-", self.s.target.name,
-                                ",".join(rules) or "-", rid)
+        args = ("%s %s sub=%s target=%s rules=%s id=%s", effect, summary,
+                ident.sub if ident else "-", self.s.target.name, ",".join(rules) or "-", rid)
+        if self.env.defer_outcomes and effect == "ALLOW":
+            # The audit line is already written; the log line can wait until the statement
+            # is on its way upstream (the server runs `run_deferred()` after its writes).
+            self.s.deferred.append((LOG_LINE, args))
+        else:
+            self.env.decisions.info(*args)
 
     def _refuse(self, error: bytes, extended: bool) -> None:
         """Answer a refused message with `error` by sending the upstream a statement that

@@ -83,6 +83,7 @@ ANY_STATE_EVENTS = {"refuse": S.CLOSED, "closed": S.CLOSED}
 PASSTHROUGH_PARAMS = ("application_name", "DateStyle", "TimeZone", "extra_float_digits",
                       "IntervalStyle")
 UTF8_NAMES = ("utf8", "unicode")
+LOG_LINE = object()  # marks a deferred decision log line in Session.deferred
 # Settings the gateway pins: the SQL classifier lexes text as UTF-8 with standard strings.
 PINNED = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
 
@@ -173,7 +174,8 @@ class Session:
         self._actions: list[Any] = []
         self._held: list[bytes] = []  # client bytes that arrived before READY
         self.relay: Any = None
-        self.deferred: list[tuple[Any, ...]] = []  # audit outcomes (Env.defer_outcomes)
+        # audit outcomes and ALLOW log lines (Env.defer_outcomes), written by run_deferred()
+        self.deferred: list[tuple[Any, ...]] = []
 
     # -- plumbing -------------------------------------------------------------------------------
     def take(self) -> tuple[bytes, bytes, list[Any]]:
@@ -185,13 +187,17 @@ class Session:
         return c, u, a
 
     def run_deferred(self) -> None:
-        """Write deferred audit outcome lines (after the server sent this round's bytes)."""
+        """Write deferred audit outcome lines and decision log lines (after the server sent
+        this round's bytes), in the order they were deferred."""
         if self.deferred:
             from proxy_db.answers import write_outcome
 
             work, self.deferred = self.deferred, []
             for args in work:
-                write_outcome(self.env.audit, args)
+                if args[0] is LOG_LINE:
+                    self.env.decisions.info(*args[1])
+                else:
+                    write_outcome(self.env.audit, args)
 
     def send_client(self, data: bytes) -> None:
         self._out_client.append(data)
