@@ -227,6 +227,13 @@ class ApprovalsAddon:
             if state == "pending":
                 state = self.store.expire(approval.id)
             if state == "approved":
+                from addons.identity import still_valid
+                from addons.model import AuthError
+
+                if not still_valid(identity):
+                    # Continuous verification: the hold may outlast the token.
+                    raise AuthError("token expired while the request waited for approval",
+                                    approval_id=approval.id)
                 self._proceed(flow, approval.id)
                 return
             a = self.store.get(approval.id)

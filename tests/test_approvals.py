@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from addons.approvals import ApprovalConflict, ApprovalStore
-from addons.model import Decision, Identity, Operation
+from addons.model import Decision, Identity, Operation, OperationDecision
 
 AGENT = Identity("agent-1", "iss")
 ALICE = Identity("alice", "iss", ("approvers",))
@@ -56,3 +56,38 @@ def test_expire_and_reload(tmp_path: Path) -> None:
     assert again.get(b.id).state == "denied" and again.get(b.id).decided_by == "alice"
     assert again.get(c.id).state == "expired"  # nobody waits for it after a restart
     assert (tmp_path / "a.json").stat().st_mode & 0o077 == 0
+
+
+def test_token_expiring_during_the_hold_is_refused(tmp_path: Path) -> None:
+    import asyncio
+    import json
+    import time as _time
+
+    from mitmproxy.test import tflow
+
+    from addons import flows
+    from addons.approvals import ApprovalsAddon
+    from addons.model import ApprovalRequired
+
+    store = ApprovalStore(tmp_path / "a.json")
+    addon = ApprovalsAddon(store, timeout=5, webhook_url=None)
+    f = tflow.tflow()
+    short = Identity("agent-1", "iss", (), exp=_time.time() + 0.3)
+    f.metadata[flows.IDENTITY] = short
+    f.metadata[flows.OPERATIONS] = [OP]
+    f.metadata[flows.DECISION] = Decision("review", "r", "needs a human", ("r",),
+                                          (OperationDecision(OP, "review", ()),))
+    flows.refuse(f, ApprovalRequired("needs a human"))
+
+    async def approve_later() -> None:
+        while not store.list("pending"):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the token expires meanwhile
+        store.decide(store.list("pending")[0].id, ALICE, True)
+
+    async def main() -> None:
+        await asyncio.gather(addon.request(f), approve_later())
+
+    asyncio.run(main())
+    assert f.response is not None and f.response.status_code == 401
+    assert json.loads(f.response.content)["error"] == "unauthenticated"
