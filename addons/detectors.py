@@ -392,10 +392,27 @@ def scan(text: str, detectors: Iterable[str] = DETECTORS, mode: str = "text"
     return _scan_combined(text, scanner)
 
 
+def _validate(text: str, at: int, end: int, index: int, scanner: _Scanner
+              ) -> tuple[int, int, str] | None:
+    """The hit a match of detector `index` at text[at:end] stands for, or None when neither it
+    nor a retry of another detector at the same place validates (shared by both scans)."""
+    check = scanner.validators[index]
+    span = (at, end) if check is _accept else check(text, at, end)
+    if span is not None:
+        return span[0], span[1], scanner.names[index]
+    for j, pattern in scanner.retries[index]:
+        again = pattern.match(text, at)
+        if again is not None:
+            span = scanner.validators[j](text, at, again.end())
+            if span is not None:
+                return span[0], span[1], scanner.names[j]
+    return None
+
+
 def _scan_combined(text: str, scanner: _Scanner) -> list[tuple[int, int, str]]:
     """`scan` with one left-to-right search of the combined pattern (any text)."""
     finditer = scanner.combined.finditer
-    by_group, validators, names = scanner.by_group, scanner.validators, scanner.names
+    by_group = scanner.by_group
     hits: list[tuple[int, int, str]] = []
     pos = 0
     last_end = -1
@@ -404,24 +421,13 @@ def _scan_combined(text: str, scanner: _Scanner) -> list[tuple[int, int, str]]:
         restart = -1
         for m in finditer(text, pos):
             at, end = m.span()
-            index = by_group[m.lastindex]  # type: ignore[index]
-            check = validators[index]
-            span = (at, end) if check is _accept else check(text, at, end)
-            name = names[index]
-            if span is None:
-                for j, pattern in scanner.retries[index]:
-                    again = pattern.match(text, at)
-                    if again is not None:
-                        span = validators[j](text, at, again.end())
-                        if span is not None:
-                            name = names[j]
-                            break
-                if span is None:
-                    if text[at:end].isdigit():
-                        continue  # no hit starts inside a run of digits: scan on from its end
-                    restart = at + 1
-                    break
-            start, stop = span
+            hit = _validate(text, at, end, by_group[m.lastindex], scanner)  # type: ignore[index]
+            if hit is None:
+                if text[at:end].isdigit():
+                    continue  # no hit starts inside a run of digits: scan on from its end
+                restart = at + 1
+                break
+            start, stop, name = hit
             if start < last_end:
                 ordered = False
             hits.append((start, stop, name))
@@ -499,8 +505,7 @@ def _scan_candidates(text: str, scanner: _Scanner, copy: bytes) -> list[tuple[in
     a match can start: the same matches, in the same order, so the same hits."""
     events, runs = _candidates(text, scanner.sources, copy)
     combined = scanner.combined
-    by_group, validators, names = scanner.by_group, scanner.validators, scanner.names
-    retries = scanner.retries
+    by_group = scanner.by_group
     n = len(text)
     hits: list[tuple[int, int, str]] = []
     pos = 0  # where the original left-to-right scan would search next
@@ -529,25 +534,14 @@ def _scan_candidates(text: str, scanner: _Scanner, copy: bytes) -> list[tuple[in
                 if m is None or m.start() >= run_end:
                     break
             at, end = m.span()  # type: ignore[union-attr]
-            index = by_group[m.lastindex]  # type: ignore[union-attr,index]
-            check = validators[index]
-            span = (at, end) if check is _accept else check(text, at, end)
-            name = names[index]
-            if span is None:
-                for j, pattern in retries[index]:
-                    again = pattern.match(text, at)
-                    if again is not None:
-                        span = validators[j](text, at, again.end())
-                        if span is not None:
-                            name = names[j]
-                            break
-                if span is None:
-                    # no hit starts inside a run of digits: scan on from its end
-                    pos = end if text[at:end].isdigit() else at + 1
-                    if run_end < 0:
-                        break
-                    continue
-            start, stop = span
+            hit = _validate(text, at, end, by_group[m.lastindex], scanner)  # type: ignore[union-attr,index]
+            if hit is None:
+                # no hit starts inside a run of digits: scan on from its end
+                pos = end if text[at:end].isdigit() else at + 1
+                if run_end < 0:
+                    break
+                continue
+            start, stop, name = hit
             if start < last_end:
                 ordered = False
             hits.append((start, stop, name))
