@@ -409,26 +409,39 @@ def glob_match(patterns: Sequence[str], value: str | None) -> bool:
     return any(_glob_re(p).match(value) is not None for p in patterns)
 
 
-@lru_cache(maxsize=4096)
-def _path_re(pattern: str) -> re.Pattern[str]:
-    """`*` matches one path segment (or part of one), `**` any number of segments."""
+def _part_glob(pattern: str, sep: str, question: bool = False, empty_tail: bool = False) -> str:
+    """Regex source for a glob over `sep`-separated parts: `*` stays inside one part, `**`
+    spans parts; `?` is one character of a part when `question`; with `empty_tail`, `<sep>**`
+    as a whole part also matches zero parts (`/v1/**` matches `/v1`)."""
+    part = f"[^{re.escape(sep)}]"
     out = []
     i = 0
     while i < len(pattern):
-        if pattern.startswith("/**", i) and (i + 3 == len(pattern) or pattern[i + 3] == "/"):
-            out.append("(?:/[^/]+)*")  # zero or more whole segments
+        if empty_tail and pattern.startswith(sep + "**", i) and (
+                i + 3 == len(pattern) or pattern[i + 3] == sep):
+            out.append(f"(?:{re.escape(sep)}{part}+)*")  # zero or more whole parts
             i += 3
         elif pattern.startswith("**", i):
             out.append(".*")
             i += 2
         elif pattern[i] == "*":
-            out.append("[^/]*")
+            out.append(part + "*")
+            i += 1
+        elif question and pattern[i] == "?":
+            out.append(part)
             i += 1
         else:
             out.append(re.escape(pattern[i]))
             i += 1
+    return "".join(out)
+
+
+@lru_cache(maxsize=4096)
+def _path_re(pattern: str) -> re.Pattern[str]:
+    """`*` matches one path segment (or part of one), `**` any number of segments."""
     # Case-insensitive: many upstreams route `/V1/ADMIN` like `/v1/admin`, so a deny must too.
-    return re.compile("".join(out) + r"/?\Z", re.DOTALL | re.IGNORECASE)
+    return re.compile(_part_glob(pattern, "/", empty_tail=True) + r"/?\Z",
+                      re.DOTALL | re.IGNORECASE)
 
 
 def path_match(patterns: Sequence[str], path: str | None) -> bool:
@@ -459,22 +472,7 @@ def _match_http(cond: dict[str, Any], op: Operation) -> bool:
 @lru_cache(maxsize=4096)
 def _word_glob_re(pattern: str) -> re.Pattern[str]:
     """Command globs in narrow mode: `*` stays inside one argument, `**` spans arguments."""
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^ ]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^ ]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z", re.DOTALL)
+    return re.compile(_part_glob(pattern, " ", question=True) + r"\Z", re.DOTALL)
 
 
 def _match_kubernetes(cond: dict[str, Any], op: Operation, broad: bool) -> bool:
