@@ -6,32 +6,54 @@ injected. If a line cannot be written, `AuditUnavailable` is raised and the call
 request: nothing goes upstream unaudited.
 
 Each line is `{... , "prev_hash", "hash"}` where `hash` = SHA-256 over the canonical JSON of the
-line without `hash` (sorted keys, compact separators) and `prev_hash` is the previous line's hash
-(64 zeros for the first line). Editing, deleting or reordering lines breaks the chain.
+line without `hash` (sorted keys, compact separators, UTF-8) and `prev_hash` is the previous
+line's hash (64 zeros for the first line). Editing, deleting or reordering lines breaks the chain.
+
+Canonical JSON is produced by orjson (`OPT_SORT_KEYS`), falling back to the standard library for
+values orjson refuses (integers over 64 bits); the two agree byte for byte except that the
+standard library writes floats below 1e-4 in exponent form, so `verify_file` accepts a line whose
+hash matches either form.
+
+Outcome lines may be deferred (`outcome(..., defer=True)`): they are chained and hashed at once,
+kept in memory, and written with the next line that must be on disk before something is
+forwarded (any decision), or by `flush()`. A decision line is never deferred.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from addons.model import AuditUnavailable, Decision, Identity
 
 GENESIS = "0" * 64
+log = logging.getLogger("portcullis.audit")
+
+
+def _stdlib_canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def canonical(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        # orjson refuses integers over 64 bits, which the standard library writes exactly;
+        # anything else it refuses (objects, non-string keys) the standard library refuses too.
+        return _stdlib_canonical(record)
 
 
 def record_hash(record: dict[str, Any]) -> str:
@@ -39,12 +61,39 @@ def record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(body)).hexdigest()
 
 
+def _hash_matches(record: dict[str, Any]) -> bool:
+    body = {k: v for k, v in record.items() if k != "hash"}
+    want = record["hash"]
+    if hashlib.sha256(canonical(body)).hexdigest() == want:
+        return True
+    try:  # the standard library's float spelling (1e-05), as older lines were written
+        return hashlib.sha256(_stdlib_canonical(body)).hexdigest() == want
+    except (TypeError, ValueError):
+        return False
+
+
+_second: tuple[int, str] = (-1, "")
+
+
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """RFC 3339 UTC with milliseconds (truncated); the date part is formatted once a second."""
+    global _second
+    sec = int(ts)
+    cached = _second
+    if cached[0] != sec:
+        cached = (sec, datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        _second = cached
+    ms = min(999, round((ts - sec) * 1_000_000) // 1000)
+    return f"{cached[1]}.{ms:03d}Z"
+
+
+# Record ids: 48 random bits per process and a counter (unique, cheap; ids are not secrets).
+_ID_PREFIX = secrets.token_hex(6)
+_id_counter = itertools.count(1)
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex[:20]
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
 
 
 class AuditLog:
@@ -56,6 +105,7 @@ class AuditLog:
         self.lock = threading.Lock()
         self.prev_hash = GENESIS
         self._fh: Any = None
+        self._pending: list[bytes] = []  # deferred lines, already chained
         self._open()
 
     def _open(self) -> None:
@@ -74,11 +124,47 @@ class AuditLog:
     def close(self) -> None:
         with self.lock:
             if self._fh is not None:
+                try:
+                    self._write_out([])
+                except OSError:
+                    log.error("audit: %d deferred line(s) could not be written at close",
+                              len(self._pending))
                 self._fh.close()
                 self._fh = None
 
-    def write(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Chain, hash and append one record. Raises AuditUnavailable on any failure."""
+    @property
+    def pending(self) -> int:
+        """Deferred lines not yet on disk."""
+        return len(self._pending)
+
+    def flush(self) -> None:
+        """Write deferred lines. Raises AuditUnavailable when they cannot be written (they stay
+        pending, so the chain on disk never skips a line)."""
+        with self.lock:
+            if not self._pending:
+                return
+            try:
+                self._write_out([])
+            except OSError as e:
+                raise AuditUnavailable(f"audit log cannot be written: {type(e).__name__}") from e
+
+    def _write_out(self, lines: list[bytes]) -> None:
+        if self._fh is None:
+            raise OSError("audit log is closed")
+        data = b"".join(self._pending + lines) if self._pending else b"".join(lines)
+        if not data:
+            return
+        written = self._fh.write(data)
+        if written != len(data):
+            raise OSError("short write")
+        if self.fsync:
+            os.fsync(self._fh.fileno())
+        self._pending.clear()
+
+    def write(self, record: dict[str, Any], defer: bool = False) -> dict[str, Any]:
+        """Chain, hash and append one record (with any deferred lines before it). Raises
+        AuditUnavailable on any failure. `defer=True` chains the record now and leaves the
+        writing to the next non-deferred write or `flush()`."""
         with self.lock:
             try:
                 if self._fh is None:
@@ -90,11 +176,10 @@ class AuditLog:
                 body = canonical(rec)
                 rec["hash"] = hashlib.sha256(body).hexdigest()
                 line = body[:-1] + b',"hash":"' + rec["hash"].encode() + b'"}\n'
-                written = self._fh.write(line)
-                if written != len(line):
-                    raise OSError("short write")
-                if self.fsync:
-                    os.fsync(self._fh.fileno())
+                if defer:
+                    self._pending.append(line)
+                else:
+                    self._write_out([line])
             except (OSError, ValueError, TypeError) as e:
                 raise AuditUnavailable(f"audit log cannot be written: {type(e).__name__}") from e
             self.prev_hash = rec["hash"]
@@ -127,7 +212,7 @@ class AuditLog:
         return rid
 
     def outcome(self, decision_id: str, outcome: dict[str, Any], masked: dict[str, Any] | None,
-                duration_ms: float | None) -> str:
+                duration_ms: float | None, defer: bool = False) -> str:
         rid = new_id()
         self.write({
             "id": rid,
@@ -137,7 +222,7 @@ class AuditLog:
             "outcome": outcome,
             "masked": masked or {"count": 0, "rules": []},
             "duration_ms": round(duration_ms, 3) if duration_ms is not None else None,
-        })
+        }, defer=defer)
         return rid
 
 
@@ -195,7 +280,7 @@ def verify_file(path: str | Path) -> VerifyResult:
             if rec["prev_hash"] != prev:
                 return VerifyResult(False, count, n, "prev_hash does not match the previous "
                                     "record (line deleted, inserted or reordered)")
-            if record_hash(rec) != rec["hash"]:
+            if not _hash_matches(rec):
                 return VerifyResult(False, count, n, "hash mismatch (record edited)")
             if rec.get("type") == "outcome" and rec.get("decision_id") not in ids:
                 return VerifyResult(False, count, n, "outcome refers to an unknown decision")

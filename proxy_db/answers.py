@@ -34,9 +34,14 @@ RFQ = None  # a Local whose data is RFQ is ReadyForQuery with the status current
 _RFQ_BYTES = {s: ReadyForQuery(s).encode() for s in (b"I", b"T", b"E")}
 
 
-def write_outcome(audit: Any, args: tuple[Any, ...]) -> None:
+def write_outcome(audit: Any, args: tuple[Any, ...], defer: bool = False) -> None:
+    """`defer=True`: chain the line now and let the server write it with the next audit write
+    or its end-of-iteration flush (the statement has already run either way)."""
     try:
-        audit.outcome(*args)
+        if defer:
+            audit.outcome(*args, defer=True)
+        else:
+            audit.outcome(*args)
     except Exception:  # noqa: BLE001 - the statement already ran; say so loudly
         log.error("audit outcome for %s could not be written", args[0])
 

@@ -311,3 +311,91 @@ def test_cli_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert auditcli.verify(path) == 1
     out = capsys.readouterr().out
     assert "BROKEN at line 6" in out and "5 records verified" in out
+
+
+# --- deferred outcome lines, canonical spellings, ids, time --------------------------------
+
+
+def test_deferred_outcome_is_chained_now_and_written_with_the_next_decision(
+        tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, clock=Clock())
+    d1 = log.decision(protocol="postgres", target="db", client="c", identity=ALICE,
+                      operation=op(), decision=ALLOW)
+    log.outcome(d1, {"status": "ok", "rows": 1}, None, 0.5, defer=True)
+    assert log.pending == 1
+    assert len(lines(path)) == 1, "a deferred outcome is not on disk yet"
+    log.decision(protocol="postgres", target="db", client="c", identity=ALICE,
+                 operation=op(), decision=ALLOW)
+    recs = lines(path)
+    assert [r["type"] for r in recs] == ["decision", "outcome", "decision"]
+    assert log.pending == 0
+    assert recs[1]["decision_id"] == d1
+    assert verify_file(path).ok
+
+
+def test_flush_writes_deferred_lines_and_close_does_too(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, clock=Clock())
+    d1 = log.decision(protocol="postgres", target="db", client="c", identity=ALICE,
+                      operation=op(), decision=ALLOW)
+    log.outcome(d1, {"status": "ok"}, None, 0.1, defer=True)
+    log.flush()
+    assert [r["type"] for r in lines(path)] == ["decision", "outcome"]
+    log.outcome(d1, {"status": "ok"}, None, 0.1, defer=True)
+    log.close()
+    assert len(lines(path)) == 3 and verify_file(path).ok
+
+
+def test_failed_flush_keeps_lines_pending_so_the_chain_never_skips(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, clock=Clock())
+    d1 = log.decision(protocol="postgres", target="db", client="c", identity=ALICE,
+                      operation=op(), decision=ALLOW)
+    log.outcome(d1, {"status": "ok"}, None, 0.1, defer=True)
+    real = log._fh
+
+    class Broken:
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+    log._fh = Broken()
+    with pytest.raises(AuditUnavailable):
+        log.flush()
+    with pytest.raises(AuditUnavailable):
+        log.decision(protocol="postgres", target="db", client="c", identity=ALICE,
+                     operation=op(), decision=ALLOW)
+    assert log.pending == 1
+    log._fh = real
+    log.decision(protocol="postgres", target="db", client="c", identity=ALICE,
+                 operation=op(), decision=ALLOW)
+    assert [r["type"] for r in lines(path)] == ["decision", "outcome", "decision"]
+    assert verify_file(path).ok
+
+
+def test_canonical_form_matches_the_standard_library_and_verify_accepts_both(
+        tmp_path: Path) -> None:
+    rec = {"b": [1, {"z": None, "a": True}], "a": "é\u2028\x00\"\\", "n": 2**63 - 1,
+           "f": 0.001, "big": 2**70}
+    assert canonical(rec) == json.dumps(rec, sort_keys=True, separators=(",", ":"),
+                                        ensure_ascii=False).encode()
+    # A line hashed over the standard library's spelling of a small float (1e-05) verifies.
+    body = {"id": "x", "type": "decision", "duration_ms": 0.00001, "prev_hash": GENESIS}
+    std = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    body["hash"] = hashlib.sha256(std.encode()).hexdigest()
+    path = tmp_path / "old.jsonl"
+    path.write_text(json.dumps(body) + "\n")
+    assert verify_file(path).ok
+    body["duration_ms"] = 0.00002  # edited: neither spelling matches
+    path.write_text(json.dumps(body) + "\n")
+    assert not verify_file(path).ok
+
+
+def test_ids_are_unique_and_times_match_isoformat() -> None:
+    from datetime import UTC, datetime
+
+    ids = {audit_mod.new_id() for _ in range(10_000)}
+    assert len(ids) == 10_000 and all(len(i) == 20 for i in ids)
+    for ts in (0.0, 1_700_000_000.0005, 1_700_000_000.999, 1_700_000_001.0, 2e9 + 0.123456):
+        want = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+        assert audit_mod._iso(ts) == want.replace("+00:00", "Z")
