@@ -30,7 +30,8 @@ CACHE_SIZE = 4096
 
 
 class ApprovalRequired(Denied):
-    """A `review` decision. Approvals are not wired to Postgres yet: refuse with 42501."""
+    """A `review` decision: the server holds the statement for an approval (42501 when it is
+    denied or times out, or when no approval store is configured)."""
 
     error = "approval_required"
 
@@ -49,6 +50,7 @@ class Verdict:
     policy: PolicySet | None
     refusal: PortcullisError | None = None  # set when the message must not run
     extra: dict[str, Any] = field(default_factory=dict)  # goes into the audit record
+    approval: dict[str, Any] | None = None  # a reviewed verdict: {"id", "state"} for the audit
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # internal
 
     @property

@@ -21,15 +21,17 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from addons.identity import still_valid
-from addons.model import AuditUnavailable, AuthError
+from addons.model import AuditUnavailable, AuthError, PortcullisError
 from proxy_db.answers import RFQ, Answers, Exec, Local, Pending
 from proxy_db.backend import ErrorResponse
 from proxy_db.catalog import CatalogCache
 from proxy_db.framing import MessageFramer
-from proxy_db.gate import Gate, Verdict
+from proxy_db.gate import ApprovalRequired, Gate, Verdict
 from proxy_db.messages import (
     Bind,
     Close,
@@ -40,7 +42,7 @@ from proxy_db.messages import (
     ProtocolError,
     Query,
 )
-from proxy_db.session import LOG_LINE, LookupFunction
+from proxy_db.session import LOG_LINE, AwaitApproval, LookupFunction
 
 log = logging.getLogger("portcullis.postgres")
 _EMPTY_TEXT = Query("").encode()
@@ -83,6 +85,9 @@ class Relay(Answers):
         self.upstream_backlog: list[tuple[bytes, bytes]] = []
         self.upstream_paused: str | None = None
         self.pending_function: tuple[FunctionCall, bytes] | None = None
+        # A `review` message waiting for its approval: (approval id, verdict, SQL, extended,
+        # what to run once approved). The client's later messages wait in client_backlog.
+        self.held: tuple[str, Verdict, str, bool, Callable[[Verdict], None]] | None = None
         self.upstream_portals: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._detectors_policy: Any = None
         self._detectors: tuple[str, ...] = ()
@@ -181,17 +186,25 @@ class Relay(Answers):
             self._forward(_EMPTY_TEXT, Pending("XQ"))
             self.batch_forwarded = False
             return
-        ex = self._admit(v, q.sql, policy)
+        self._run_query(v, raw, q.sql, policy)
+
+    def _run_query(self, v: Verdict, raw: bytes, sql: str, policy: Any) -> None:
+        ex = self._admit(v, sql, policy,
+                         hold=lambda av: self._run_query(av, raw, sql, policy))
         if ex is None:
             return
         self._forward(raw, Pending("Q", ex))
         self.batch_forwarded = False  # a Query is its own batch
 
     def _admit(self, v: Verdict, sql: str, policy: Any, statement: str | None = None,
-               extended: bool = False) -> Exec | None:
-        """Audit the decision; on refusal answer with the error and return None."""
+               extended: bool = False, hold: Callable[[Verdict], None] | None = None
+               ) -> Exec | None:
+        """Audit the decision; on refusal answer with the error and return None. A `review`
+        verdict with `hold` given is held for approval instead (None is returned too)."""
         op = v.audit_operation()
         if not v.allowed:
+            if hold is not None and self._hold(v, sql, extended, hold):
+                return None
             err = v.refusal
             assert err is not None
             self._audit_denial(v, err.extra.get("rule") or v.decision.rule, v.decision.reason, op)
@@ -201,7 +214,8 @@ class Relay(Answers):
         try:
             audit_id = self.env.audit.decision(
                 protocol="postgres", target=self.s.target.name, client=self.s.client,
-                identity=self.s.identity, operation=op, decision=v.decision)
+                identity=self.s.identity, operation=op, decision=v.decision,
+                approval=v.approval)
         except Exception as e:  # noqa: BLE001 - unaudited means refused
             err2 = e if isinstance(e, AuditUnavailable) else AuditUnavailable("audit failed")
             log.error("audit write failed; refusing statement from %s", self.s.client)
@@ -212,13 +226,13 @@ class Relay(Answers):
         return Exec(v, audit_id, self.env.monotonic(), sql, policy, statement)
 
     def _audit_denial(self, v: Verdict | None, rule: str, reason: str,
-                      op: dict[str, Any]) -> None:
+                      op: dict[str, Any], approval: dict[str, Any] | None = None) -> None:
         try:
             rid = self.env.audit.decision(
                 protocol="postgres", target=self.s.target.name, client=self.s.client,
                 identity=self.s.identity, operation=op,
                 decision=v.decision if v is not None else None, effect="deny", rules=[rule],
-                reason=reason)
+                reason=reason, approval=approval)
         except Exception:  # noqa: BLE001 - refused anyway
             log.error("audit write failed for a denied statement from %s", self.s.client)
             rid = "-"
@@ -255,15 +269,21 @@ class Relay(Answers):
         policy = self.env.policies.current
         v = self.gate.decide_parse(policy, self.s.identity, p.name, p.sql)
         if not v.allowed:
+            if self._hold(v, p.sql, True,
+                          lambda av: self._parse_admitted(av, p.name, p.sql, raw)):
+                return
             err = v.refusal
             assert err is not None
             self._audit_denial(v, err.extra.get("rule") or v.decision.rule, v.decision.reason,
                                v.audit_operation())
             self._refuse(ErrorResponse.make("ERROR", err.sqlstate, err.reason).encode(), True)
             return
-        self.statements[p.name] = (v, p.sql)
-        self.described_statements.discard(p.name)
-        self._forward(raw, Pending("P", name=p.name))
+        self._parse_admitted(v, p.name, p.sql, raw)
+
+    def _parse_admitted(self, v: Verdict, name: str, sql: str, raw: bytes) -> None:
+        self.statements[name] = (v, sql)
+        self.described_statements.discard(name)
+        self._forward(raw, Pending("P", name=name))
 
     def _bind(self, raw: bytes) -> None:
         portal, statement, formats = Bind.peek(raw[5:])
@@ -292,7 +312,16 @@ class Relay(Answers):
                 if v.policy is not policy:  # a new policy version since Parse: decide again
                     v = self.gate.decide(policy, self.s.identity, sql)
                     self.statements[stmt] = (v, sql)
-        ex = self._admit(v, sql, policy, stmt, extended=True)
+        self._execute_admitted(v, e, raw, sql, policy, stmt)
+
+    def _execute_admitted(self, v: Verdict, e: Execute, raw: bytes, sql: str, policy: Any,
+                          stmt: str | None) -> None:
+        def approved(av: Verdict) -> None:
+            if stmt is not None and stmt in self.statements:
+                self.statements[stmt] = (av, sql)
+            self._execute_admitted(av, e, raw, sql, policy, stmt)
+
+        ex = self._admit(v, sql, policy, stmt, extended=True, hold=approved)
         if ex is None:
             return
         if ex.plan is None and not (e.portal in self.described_portals
@@ -325,7 +354,11 @@ class Relay(Answers):
     def _decide_function(self, fc: FunctionCall, raw: bytes, name: str | None) -> None:
         policy = self.env.policies.current
         v = self.gate.decide_function(policy, self.s.identity, name, fc.oid)
-        ex = self._admit(v, "", policy)
+        self._function_admitted(v, raw, policy)
+
+    def _function_admitted(self, v: Verdict, raw: bytes, policy: Any) -> None:
+        ex = self._admit(v, "", policy,
+                         hold=lambda av: self._function_admitted(av, raw, policy))
         if ex is None:
             return
         self._forward(raw, Pending("F", ex))
@@ -345,4 +378,60 @@ class Relay(Answers):
     def _resume_client(self) -> None:
         backlog, self.client_backlog = self.client_backlog, []
         self._client_frames(backlog)
+
+    # ---------------------------------------------------------------------------------------
+    # approvals (SPEC §6): a `review` statement waits for a human; nothing after it runs first
+
+    def _hold(self, v: Verdict, sql: str, extended: bool,
+              resume: Callable[[Verdict], None]) -> bool:
+        """Hold a `review` verdict for approval (True), or False when it must be refused
+        (another refusal, or no approval store). A grant for every reviewed operation of
+        this identity lets it run at once."""
+        store = self.env.approvals
+        ident = self.s.identity
+        if store is None or ident is None or not isinstance(v.refusal, ApprovalRequired):
+            return False
+        review_ops = [d.operation for d in v.decision.operations if d.effect == "review"]
+        if review_ops and all(store.granted(ident, op.fingerprint) for op in review_ops):
+            resume(replace(v, refusal=None, approval={"id": None, "state": "granted"}))
+            return True
+        from addons import masking
+
+        op = review_ops[0] if review_ops else v.operations[0]
+        record = dict(v.audit_operation())
+        # What the reviewer approves: the statement with detector hits redacted.
+        record["statement"] = masking.scrub(sql)[:4000]
+        approval = store.create(ident, op, record, v.decision)
+        self.held = (approval.id, v, sql, extended, resume)
+        self.client_paused = "approval"
+        log.info("statement from %s held for approval %s (rule %s)", self.s.client,
+                 approval.id, v.decision.rule)
+        self.s.act(AwaitApproval(approval.id))
+        return True
+
+    def approval_done(self, approval_id: str, state: str) -> None:
+        """The reviewer decided (approved / denied) or the hold timed out (expired)."""
+        if self.held is None or self.held[0] != approval_id:
+            return
+        _, v, sql, extended, resume = self.held
+        self.held = None
+        self.client_paused = None
+        if state == "approved":
+            if not self._identity_ok():  # the hold may outlast the token: FATAL 28P01
+                return
+            resume(replace(v, refusal=None, approval={"id": approval_id, "state": "approved"}))
+        else:
+            from addons.approvals import ApprovalError, ApprovalTimeout
+
+            a = self.env.approvals.get(approval_id)
+            err: PortcullisError
+            if state == "denied":
+                err = ApprovalError(a.decision_reason or "the reviewer denied this statement")
+            else:
+                err = ApprovalTimeout("no reviewer decided in time")
+            message = f"portcullis: {err.error} (approval {approval_id}): {err.reason}"
+            self._audit_denial(v, v.decision.rule, err.reason, v.audit_operation(),
+                               approval={"id": approval_id, "state": err.error})
+            self._refuse(ErrorResponse.make("ERROR", err.sqlstate, message).encode(), extended)
+        self._resume_client()
 

@@ -21,6 +21,7 @@ from addons.model import AuthError
 from proxy_db import catalog as cat
 from proxy_db.messages import CancelRequest, SSLRequest, Terminate
 from proxy_db.session import (
+    AwaitApproval,
     CloseSession,
     ConnectUpstream,
     Env,
@@ -136,6 +137,7 @@ class Gateway:
         self.tls: ssl.SSLContext | None = None
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self._flush_scheduled = False
 
     def env(self) -> Env:
         cfg = self.runtime.config
@@ -143,7 +145,8 @@ class Gateway:
                    targets=self.runtime.targets, mask_key=self.runtime.mask_key,
                    tls_available=self.tls is not None,
                    require_tls=getattr(cfg, "postgres_tls", "prefer") == "require",
-                   catalogs=self.catalogs, defer_outcomes=True)
+                   catalogs=self.catalogs, defer_outcomes=True,
+                   approvals=getattr(self.runtime, "approvals", None))
 
     def new_cancel_key(self, target: Any, upstream_key: tuple[int, int]) -> tuple[int, int]:
         while True:
@@ -168,6 +171,26 @@ class Gateway:
         except (TimeoutError, OSError) as e:
             log.warning("cancel forwarding to %s failed: %s", target.name, e)
 
+    def audit_written(self) -> None:
+        """Deferred outcome lines are written once per event-loop iteration, together (or
+        sooner, with the next decision line of any session)."""
+        if not self._flush_scheduled and self.runtime.audit.pending:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # shutting down outside the loop: write now
+                self._flush_audit()
+                return
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_audit)
+
+    def _flush_audit(self) -> None:
+        self._flush_scheduled = False
+        try:
+            self.runtime.audit.flush()
+        except Exception:  # noqa: BLE001 - kept pending; the next decision write retries first
+            log.error("audit: %d outcome line(s) could not be written yet",
+                      self.runtime.audit.pending)
+
     def catalog_conn(self, target: Any) -> CatalogConnection:
         conn = self.catalog_conns.get(target.name)
         if conn is None:
@@ -184,6 +207,7 @@ class Gateway:
             c.close_all()
         for c in self.catalog_conns.values():
             c.close()
+        self._flush_audit()
 
 
 class _Pauses:
@@ -223,8 +247,8 @@ class Connection(asyncio.Protocol):
 
     # -- client transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses; both have the same API.
+        self.transport = transport  # type: ignore[assignment]
         self.client_pauses.transport = transport
         peer = transport.get_extra_info("peername") or ("-", 0)
         self.session = Session(self.gw.env(), client=f"{peer[0]}:{peer[1]}")
@@ -285,6 +309,7 @@ class Connection(asyncio.Protocol):
         if to_upstream and self.up is not None and not self.up.is_closing():
             self.up.write(to_upstream)
         self.session.run_deferred()
+        self.gw.audit_written()
         for action in actions:
             self.perform(action)
 
@@ -320,6 +345,9 @@ class Connection(asyncio.Protocol):
         elif isinstance(action, LookupFunction):
             self.client_pauses.add("function")
             self.gw.spawn(self._lookup_function(action))
+        elif isinstance(action, AwaitApproval):
+            self.client_pauses.add("approval")
+            self.gw.spawn(self._await_approval(action.approval_id))
         elif isinstance(action, CloseSession):
             log.info("session %s closed: %s", s.client, action.reason)
             self.close_all()
@@ -329,6 +357,7 @@ class Connection(asyncio.Protocol):
             self.auth_timer.cancel()
         if self.session is not None:
             self.session.run_deferred()
+            self.gw.audit_written()
         if self.cancel_key is not None:
             self.gw.cancel_keys.pop(self.cancel_key, None)
             self.cancel_key = None
@@ -419,6 +448,35 @@ class Connection(asyncio.Protocol):
         else:
             self._call(s.relay.relations_found, rels, action.names)
         self.up_pauses.discard("catalog")
+        self.pump()
+
+    async def _await_approval(self, approval_id: str) -> None:
+        """Poll the approval store until the approval is decided or `approvals.timeout_seconds`
+        pass (then it expires); a session that ends meanwhile expires it."""
+        from addons.approvals import POLL_SECONDS, notify_webhook
+
+        s = self.session
+        assert s is not None
+        store = self.gw.runtime.approvals
+        cfg = self.gw.runtime.config.approvals
+        state = "pending"
+        try:
+            if cfg.webhook_url:
+                notify_webhook(cfg.webhook_url, store.get(approval_id))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + cfg.timeout_seconds
+            while state == "pending" and loop.time() < deadline and not s.closed:
+                await asyncio.sleep(POLL_SECONDS)
+                state = store.state_of(approval_id)
+            if state == "pending":
+                state = store.expire(approval_id)
+        except Exception:  # noqa: BLE001 - an unreadable approval is a refused statement
+            log.exception("approval %s could not be followed", approval_id)
+            state = "expired"
+        if s.closed:
+            return
+        self._call(s.relay.approval_done, approval_id, state)
+        self.client_pauses.discard("approval")
         self.pump()
 
     async def _lookup_function(self, action: LookupFunction) -> None:

@@ -126,6 +126,14 @@ class LookupFunction:
 
 
 @dataclass(frozen=True, slots=True)
+class AwaitApproval:
+    """Hold the session's client side until approval `approval_id` is decided or times out;
+    then call `relay.approval_done(approval_id, state)`."""
+
+    approval_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class CloseSession:
     reason: str
 
@@ -144,7 +152,11 @@ class Env:
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
     limits: Limits = DEFAULT_LIMITS
-    defer_outcomes: bool = False  # outcome lines written by `run_deferred()` after the I/O
+    # Outcome lines chained by `run_deferred()` after the I/O and written with the next audit
+    # write or the server's end-of-iteration `AuditLog.flush()`.
+    defer_outcomes: bool = False
+    # addons.approvals.ApprovalStore: `review` statements are held for approval (None: refused)
+    approvals: Any = None
     decisions: logging.Logger = field(
         default_factory=lambda: logging.getLogger("portcullis.decisions"))
 
@@ -197,7 +209,7 @@ class Session:
                 if args[0] is LOG_LINE:
                     self.env.decisions.info(*args[1])
                 else:
-                    write_outcome(self.env.audit, args)
+                    write_outcome(self.env.audit, args, defer=self.env.defer_outcomes)
 
     def send_client(self, data: bytes) -> None:
         self._out_client.append(data)
