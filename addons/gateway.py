@@ -13,15 +13,57 @@ from addons.runtime import Runtime
 
 log = logging.getLogger("portcullis")
 RELOAD_INTERVAL = 0.5
+LOG_FLUSH_INTERVAL = 0.1
+
+
+class DecisionLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stdout handler that does not flush after every per-request decision line (one write
+    system call per statement is a large share of a Postgres statement's cost): those lines are
+    flushed by `flush_logs()` every LOG_FLUSH_INTERVAL, or by the next other line. Everything
+    else (warnings, errors, other loggers) is flushed at once, as logging normally does."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.dirty = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "portcullis.decisions" and record.levelno < logging.WARNING:
+            try:
+                self.stream.write(self.format(record) + self.terminator)
+                self.dirty = True
+            except Exception:  # noqa: BLE001 - as logging.StreamHandler does
+                self.handleError(record)
+            return
+        super().emit(record)
+        self.dirty = False
+
+    def flush(self) -> None:
+        self.dirty = False
+        super().flush()
 
 
 def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = DecisionLogHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("portcullis")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     root.propagate = False
+
+
+def flush_logs() -> None:
+    for h in logging.getLogger("portcullis").handlers:
+        if getattr(h, "dirty", False):
+            h.flush()
+
+
+async def _log_flush_loop() -> None:
+    while True:
+        await asyncio.sleep(LOG_FLUSH_INTERVAL)
+        try:
+            flush_logs()
+        except Exception:  # noqa: BLE001 - stdout gone: nothing better to do
+            pass
 
 
 def proxy_modes(config: GatewayConfig) -> list[str]:
@@ -116,17 +158,30 @@ async def run(config: GatewayConfig, runtime: Runtime, web: bool = False) -> int
 
         servers.append(await admin.serve(runtime))
     reloader = asyncio.create_task(_reload_loop(runtime))
+    flusher = asyncio.create_task(_log_flush_loop())
     modes = proxy_modes(config)
+    stop = asyncio.Event()
+    master: Any = None
+
+    def on_signal() -> None:
+        # SIGTERM/SIGINT end the gateway cleanly: deferred audit lines and buffered log lines
+        # are written before the process exits.
+        log.info("stopping")
+        stop.set()
+        if master is not None:
+            master.shutdown()
+
+    _install_signals(on_signal)
     try:
         if not modes:
             print_banner(config, runtime)
-            await asyncio.Event().wait()
+            await stop.wait()
             return 0
         opts = options.Options()
         if web:
             from mitmproxy.tools.web.master import WebMaster
 
-            master: Any = WebMaster(opts, with_termlog=True)
+            master = WebMaster(opts, with_termlog=True)
         else:
             from mitmproxy.tools.dump import DumpMaster
 
@@ -143,5 +198,22 @@ async def run(config: GatewayConfig, runtime: Runtime, web: bool = False) -> int
         return 0
     finally:
         reloader.cancel()
+        flusher.cancel()
         for s in servers:
             s.close()
+        try:
+            runtime.audit.flush()
+        except Exception:  # noqa: BLE001 - AuditLog.close() reports what it cannot write
+            log.error("audit: deferred lines could not be written at shutdown")
+        flush_logs()
+
+
+def _install_signals(handler: Any) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, handler)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass

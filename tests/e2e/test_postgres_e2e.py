@@ -158,3 +158,30 @@ def test_psycopg_and_asyncpg_through_the_real_gateway(gw: Any) -> None:
 
     got = asyncio.run(asyncio.wait_for(run(), 30))
     assert got == [("Ada Lovelace", None)]  # asyncpg reads text in binary: masked -> NULL
+
+
+def test_sigterm_loses_no_audit_line_and_no_decision_line(gw: Any) -> None:
+    """Outcome lines of Postgres statements are written with the next decision or once per
+    event-loop turn, and decision log lines are flushed every 0.1 s: a SIGTERM right after the
+    last statement must still leave every line on disk and on stdout."""
+    import psycopg
+
+    tok = token(gw)
+    n = 25
+    with psycopg.connect(host="127.0.0.1", port=gw.pg_port, dbname="orders", user="agent",
+                         password=tok, sslmode="require", connect_timeout=10,
+                         autocommit=True) as conn:
+        for i in range(n):
+            assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+        gw.stop()  # SIGTERM while the session is still open
+    assert gw.proc.returncode == 0, gw.stdout[-2000:]
+    recs = [json.loads(x) for x in gw.audit_path.read_text().splitlines()]
+    decisions = {r["id"] for r in recs if r.get("type") == "decision"
+                 and r["decision"] == "allow"}
+    outcomes = {r["decision_id"] for r in recs if r.get("type") == "outcome"}
+    assert len(decisions) >= n and decisions <= outcomes
+    res = subprocess.run([sys.executable, "-m", "addons.cli", "audit", "verify",
+                          str(gw.audit_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert gw.stdout.count(" ALLOW SELECT") >= n
