@@ -152,7 +152,12 @@ def commands(config: GatewayConfig) -> str:
                   "# allowed; ssn and card are masked, emails hashed",
                   f"psql \"{conn}\" -c 'SELECT name, email, ssn, card FROM customers'",
                   "# denied: agents never drop tables",
-                  f"psql \"{conn}\" -c 'DROP TABLE customers'"]
+                  f"psql \"{conn}\" -c 'DROP TABLE customers'",
+                  "# review: a DELETE waits for a human approval (in the background)",
+                  f"psql \"{conn}\" -c 'DELETE FROM orders WHERE id = 3' &",
+                  "# ...the reviewer approves it; psql then prints DELETE 1",
+                  f"./mitm.sh approvals list{cfg}",
+                  f"./mitm.sh approvals approve <ID> --reason 'cleanup ticket 7'{cfg}"]
     lines += ["", "# what masks and rules apply, and why",
               f"./mitm.sh policy explain{cfg} --sub agent-7 --groups agents "
               f"--target {api.name if api else 'sample-api'} --http 'GET /v1/users'",

@@ -128,6 +128,8 @@ def test_demo_commands_show_allow_deny_review_and_audit(demo: Any) -> None:
         assert "123-45-6789" not in psql and "4111111111111111" not in psql, psql
         assert "ada@example.com" not in psql, psql
         assert "portcullis: denied by rule db-no-ddl" in text, text
+        assert "DELETE 1" in text, text  # the held psql DELETE ran after the approval
+        assert text.count(": approved by alice") >= 2, text  # the HTTP and the SQL hold
     if shutil.which("kubectl"):
         assert "web-1" in text and "Running" in text, text  # kubectl get pods
         assert "etc" in text.split("exec web-1 -- ls", 1)[1], text  # allowed exec ran
