@@ -31,10 +31,37 @@ def install() -> None:
         return http1.assemble_response(resp)
 
     _http1.make_error_response = make_error_response
-    _http2.format_error = json_error  # HTTP/2 keeps its text/html content-type header
+    _http2.format_error = json_error
+    from mitmproxy.proxy.layers.http import _http_h2
+
+    _label_error_headers_json(_http_h2.BufferedH2Connection, version.MITMPROXY.encode())
     try:
-        from mitmproxy.proxy.layers.http import _http3
+        from mitmproxy.proxy.layers.http import _http3, _http_h3
 
         _http3.format_error = json_error
+        _label_error_headers_json(_http_h3.LayeredH3Connection, version.MITMPROXY.encode())
     except ImportError:  # pragma: no cover - HTTP/3 layer absent in some builds
         pass
+
+
+_HTML = (b"content-type", b"text/html")
+_JSON = (b"content-type", b"application/json")
+
+
+def _label_error_headers_json(cls: type, server: bytes) -> None:
+    """HTTP/2 and HTTP/3 error answers are sent as exactly `:status`, `server: mitmproxy <v>`,
+    `content-type: text/html` (the body is ours, JSON). Relabel that one header list; any other
+    response's headers pass untouched."""
+    if getattr(cls.send_headers, "_portcullis", False):
+        return
+    original = cls.send_headers
+
+    def send_headers(self: object, stream_id: int, headers: list, *args: object,  # type: ignore[type-arg]
+                     **kwargs: object) -> object:
+        if (isinstance(headers, list) and len(headers) == 3 and headers[2] == _HTML
+                and headers[1] == (b"server", server) and headers[0][0] == b":status"):
+            headers = [headers[0], headers[1], _JSON]
+        return original(self, stream_id, headers, *args, **kwargs)
+
+    send_headers._portcullis = True  # type: ignore[attr-defined]
+    cls.send_headers = send_headers  # type: ignore[method-assign]

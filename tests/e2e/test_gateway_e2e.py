@@ -163,6 +163,15 @@ def test_upstream_failure_is_502_json(gateway_factory: Any, oidc: Any, test_ca: 
     token = oidc.token()
     code, body = curl(gw, f"https://localhost:{dead}/x", token, "--http1.1")
     assert code == 502 and body["error"] == "upstream_failure", body
+    # HTTP/2 inside the tunnel: the same JSON body, labelled as JSON
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", "20", "--proxy", gw.proxy_with_token(token), "--cacert",
+         str(gw.ca), "--http2", "-D", "-", f"https://localhost:{dead}/x"],
+        capture_output=True, text=True, timeout=30)
+    head, _, payload = out.stdout.rstrip("\n").rpartition("\n\n")  # after the CONNECT answer
+    assert "HTTP/2 502" in head, out.stdout + out.stderr
+    assert "content-type: application/json" in head.lower(), head
+    assert json.loads(payload)["error"] == "upstream_failure"
     lines = [json.loads(x) for x in gw.audit_text().splitlines()]
     assert any(x["type"] == "outcome" and "error" in x["outcome"] for x in lines)
 
