@@ -1,8 +1,10 @@
 """Sensitive-value detectors: one combined regular-expression scan, then a check per hit.
 
 Each detector is a candidate pattern plus a validator that checks more than the shape: Luhn for
-cards, mod-97 and the country's length for IBANs, the SSA rules for SSNs, `ipaddress` for IP
-addresses, a decodable JSON header for JWTs. All candidate patterns are joined into ONE compiled
+cards, mod-97 and the country's length for IBANs, the SSA rules for SSNs, `ipaddress` for IPv6
+addresses, a decodable JSON header for JWTs. Where the pattern itself already checks it all
+(IPv4 octets, phones of a fixed digit count, key blocks) the alternative is `decided` and no
+validator runs. All candidate patterns are joined into ONE compiled
 alternation, so a text is scanned once whatever the number of detectors. A candidate that fails
 its validator does not hide another detector's hit at the same position: the other detectors'
 patterns are tried there before the scan moves on.
@@ -18,7 +20,8 @@ docs/masking.md, "Performance"):
   validator: e-mail on "@", JWT on the "J" of "eyJ", IPv6 on its first ":".
 Long ASCII texts with few digit runs take the candidate scan (`_scan_candidates`): literal
 searches in C find where a match can start, and the combined pattern is tried only there,
-with exactly the same result.
+with exactly the same result. Other long ASCII texts are scanned with a combined pattern that
+leaves out the alternatives that match nowhere in them (`_absent`), again with the same result.
 No pattern matches NUL, so `addons.masking` scans all string values of a JSON document joined
 by NUL in a single call (`find(..., mode="joined")`); no hit can span two values. In mode
 "json" no hit can span a '"' either, which lets the raw text of a JSON body be scanned as is.
@@ -54,6 +57,9 @@ class _Alt(NamedTuple):
     second: str  # class of the character after it (cheap pre-test inside `re`)
     rest: str  # the remainder of the candidate
     before: str  # class of characters that must not precede the anchor ("" = no check)
+    # True when a match of the pattern always passes the detector's validator, which is then
+    # not called (see `_check`; tests/test_detectors.py checks the claim)
+    decided: bool = False
 
 
 _PEM = (r"---BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
@@ -61,37 +67,48 @@ _PEM = (r"---BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
         r"(?:ANY*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|ANY*)")
 _PHONE_END = r"(?![\w-]|\.[0-9])"
 _IP_END = r"(?![\w]|\.[0-9])"
-_OCTETS3 = r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # no leading zeros, like ipaddress
+_OCTETS3 = rf"{_OCTET}\.{_OCTET}\.{_OCTET}"
+# The rest of a first octet of two or three digits whose first two were read as the anchor and
+# the second character.
+_OCTET1_REST = r"(?:(?<=[1-9][0-9])|(?<=1[0-9])[0-9]|(?<=2[0-4])[0-9]|(?<=25)[0-5])\."
 
 # Order = priority between alternatives that match at the same position.
 _ALTS = (
     # "plain": the second character is never a digit, so `re` rejects these in one test.
-    _Alt("private_key", "plain", r"\-", "-", _PEM, ""),
+    _Alt("private_key", "plain", r"\-", "-", _PEM, "", True),
     # anchored on the "y" of "eyJ" (base64 of '{"'); the validator widens it by one. Every
     # unbounded candidate is possessive and starts only where its run starts: linear time.
     _Alt("jwt", "plain", "y", "J", r"[A-Za-z0-9_-]++(?:\.[A-Za-z0-9_-]*+){2,4}+", ""),
-    _Alt("aws_access_key", "plain", "A", "[KS]", r"IA[A-Z2-7]{16}(?![A-Za-z0-9])", "[A-Za-z0-9]"),
+    _Alt("aws_access_key", "plain", "A", "[KS]", r"IA[A-Z2-7]{16}(?![A-Za-z0-9])", "[A-Za-z0-9]",
+         True),
     _Alt("iban", "plain", "[A-Z]", "[A-Z]", r"[0-9]{2}(?: ?[A-Z0-9]){11,30}", "[A-Za-z0-9]"),
     # "digit": tried only at the start of a run of at least 7 digits and separators.
     _Alt("ssn", "digit", "[0-9]", "[0-9]", r"[0-9]-[0-9]{2}-[0-9]{4}(?![0-9-])", "[0-9-]"),
     # Phones: E.164 with optional separators; North-American 3-3-4 with separators (optionally
     # "1-" first); trunk-prefixed national numbers ("020 7946 0958"). A bare run of digits is
     # never a phone number: that is what ids look like.
+    # (the phone patterns marked True fix the count of digits inside 7..15: 10, 11, 7..15, 10)
     _Alt("phone", "digit", "[0-9]", "[0-9]", r"[0-9][ .-][0-9]{3}[ .-][0-9]{4}" + _PHONE_END,
-         r"[\w.()+-]"),
+         r"[\w.()+-]", True),
     _Alt("phone", "digit", "1", "[ .-]",
-         r"(?:\([0-9]{3}\) ?|[0-9]{3}[ .-])[0-9]{3}[ .-][0-9]{4}" + _PHONE_END, r"[\w.()+-]"),
+         r"(?:\([0-9]{3}\) ?|[0-9]{3}[ .-])[0-9]{3}[ .-][0-9]{4}" + _PHONE_END, r"[\w.()+-]",
+         True),
     _Alt("phone", "digit", "0", "[1-9]",
          r"[0-9]{0,3}[ -][0-9]{2,4}(?:[ -]?[0-9]{2,4}){1,4}" + _PHONE_END, r"[\w.+-]"),
-    _Alt("ip_address", "digit", "[0-9]", "[.]", _OCTETS3 + _IP_END, r"[\w.]"),
-    _Alt("ip_address", "digit", "[0-9]", "[0-9]", r"[0-9]?\." + _OCTETS3 + _IP_END, r"[\w.]"),
+    # IPv4: the octets' values are checked by the pattern itself (the end look-ahead makes
+    # each octet take all its digits)
+    _Alt("ip_address", "digit", "[0-9]", "[.]", _OCTETS3 + _IP_END, r"[\w.]", True),
+    _Alt("ip_address", "digit", "[0-9]", "[0-9]", _OCTET1_REST + _OCTETS3 + _IP_END, r"[\w.]",
+         True),
     _Alt("credit_card", "digit", "[1-9]", "[0-9 -]", r"[0-9 -]{10,34}(?<=[0-9])(?![0-9])", ""),
     # "mixed": non-digit anchors whose second character may be a digit.
     _Alt("email", "mixed", "@", r"[\w-]",
          r"[\w-]{0,62}\.(?:[\w-]{1,63}\.){0,8}(?:xn--[A-Za-z0-9-]{1,59}|[^\W\d_]{2,63})", ""),
-    _Alt("phone", "mixed", r"\+", "[1-9]", r"(?:[ .()-]{0,2}[0-9]){6,14}(?![0-9])", r"[\w+]"),
+    _Alt("phone", "mixed", r"\+", "[1-9]", r"(?:[ .()-]{0,2}[0-9]){6,14}(?![0-9])", r"[\w+]",
+         True),
     _Alt("phone", "mixed", r"\(", "[0-9]", r"[0-9]{2}\) ?[0-9]{3}[ .-][0-9]{4}" + _PHONE_END,
-         r"[\w.()+-]"),
+         r"[\w.()+-]", True),
     # IPv6, anchored on its first ":" (the validator widens it over up to four hex digits);
     # possessive, so a clock time such as 10:11:00Z is rejected without backtracking.
     _Alt("ip_address", "mixed", ":", "[0-9A-Fa-f:]",
@@ -133,9 +150,18 @@ def _credit_card(text: str, start: int, end: int) -> Span:
     # 13-19 digits with at most one space or dash between two digits. The candidate pattern
     # already holds only digits, spaces and dashes and starts and ends with a digit, so its
     # shape is right unless two separators touch.
-    spaced = text[start:end].encode("ascii").translate(_DASH_TO_SPACE)
+    candidate = text[start:end]
+    if candidate.isdigit():  # one bare run (an order id...): no shorter prefix to try
+        if len(candidate) > 19:
+            return None
+        raw = candidate.encode("ascii")
+        doubled = raw[-2::-2]
+        total = (sum(raw) - 48 * len(raw) + sum(doubled.translate(_DOUBLED_EXTRA))
+                 - 4 * len(doubled))  # `_luhn`, inlined: this is the hot path
+        return (start, end) if total % 10 == 0 and len(raw) >= 13 else None
+    spaced = candidate.encode("ascii").translate(_DASH_TO_SPACE)
     if b"  " not in spaced:
-        digits = spaced.translate(None, b" ")
+        digits = spaced.replace(b" ", b"")
         if 13 <= len(digits) <= 19 and _luhn(digits):
             return start, end
     # Slow path (rare): shorter prefixes ending at a group end, so "4111 1111 1111 1111 2024"
@@ -212,13 +238,16 @@ _LOCAL_RUN = re.compile(r"[\w.%+'-]{1,64}")  # RFC 5321: a local part has at mos
 def _email(text: str, start: int, end: int) -> Span:
     # Anchored on "@": widen to the left over the local part (matched on the reversed text
     # before the "@", which costs one short C call instead of a backwards search).
-    local = _LOCAL_RUN.match(text[max(0, start - 64):start][::-1])
+    local = _LOCAL_RUN.match(text[start - 64 if start > 64 else 0:start][::-1])
     if local is None:
         return None
     begin = start - local.end()
-    while begin < start and text[begin] == ".":
-        begin += 1
-    if begin == start or text[start - 1] == ".":
+    if text[begin] == ".":
+        while begin < start and text[begin] == ".":
+            begin += 1
+        if begin == start:
+            return None
+    if text[start - 1] == ".":
         return None
     return begin, end
 
@@ -245,25 +274,30 @@ def _jwt(text: str, start: int, end: int) -> Span:
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")  # no leading zeros, like ipaddress
+_IPV4 = re.compile(rf"{_OCTET}\.{_OCTETS3}")
 
 
 def _ip(text: str, start: int, end: int) -> Span:
-    if text[start] == ":":
-        # IPv6, anchored on its first ":": widen to the left over at most four hex digits.
-        begin = start
-        while begin > 0 and start - begin < 5 and text[begin - 1] in _HEX:
-            begin -= 1
-        if start - begin > 4 or (begin > 0 and (text[begin - 1].isalnum()
-                                               or text[begin - 1] in "_:.")):
-            return None
-        try:
-            ipaddress.IPv6Address(text[begin:end])
-        except ValueError:
-            return None
-        return begin, end
+    return _ipv6(text, start, end) if text[start] == ":" else _ipv4(text, start, end)
+
+
+def _ipv4(text: str, start: int, end: int) -> Span:
     return (start, end) if _IPV4.fullmatch(text, start, end) else None
+
+
+def _ipv6(text: str, start: int, end: int) -> Span:
+    # anchored on its first ":": widen to the left over at most four hex digits
+    begin = start
+    while begin > 0 and start - begin < 5 and text[begin - 1] in _HEX:
+        begin -= 1
+    if start - begin > 4 or (begin > 0 and (text[begin - 1].isalnum()
+                                           or text[begin - 1] in "_:.")):
+        return None
+    try:
+        ipaddress.IPv6Address(text[begin:end])
+    except ValueError:
+        return None
+    return begin, end
 
 
 def _accept(text: str, start: int, end: int) -> Span:
@@ -287,16 +321,19 @@ _VALIDATORS: dict[str, Callable[[str, int, int], Span]] = {
 # Scanning
 
 
+Check = Callable[[str, int, int], Span]
+
+
 class _Scanner(NamedTuple):
     combined: re.Pattern[str]
     alts: tuple[_Alt, ...]
-    by_group: tuple[int, ...]  # capture group number -> index in alts
-    validators: tuple[Callable[[str, int, int], Span], ...]  # per alternative
-    names: tuple[str, ...]  # detector name per alternative
-    # Per alternative: the alternatives that come after it in the combined pattern and share
-    # its anchors, with their stand-alone patterns. Only those can still match where it failed
-    # (the ones before it were already tried there by the combined pattern).
-    retries: tuple[tuple[tuple[int, re.Pattern[str]], ...], ...]
+    # Indexed by the capture group number of an alternative (Match.lastindex); slot 0 unused.
+    checks: tuple[Check | None, ...]  # its validator, None when the pattern decides
+    names: tuple[str, ...]  # its detector's name
+    # The alternatives that come after it in the combined pattern and share its anchors: their
+    # group, stand-alone pattern and check. Only those can still match where it failed (the
+    # ones before it were already tried there by the combined pattern).
+    retries: tuple[tuple[tuple[int, re.Pattern[str], Check | None], ...], ...]
     sources: frozenset[str]  # where `_candidates` looks for starts (see there)
 
 
@@ -306,9 +343,12 @@ _BODY = {"text": r"[\s\S]", "joined": r"[^\x00]", "json": r'[^"\x00]'}
 MODES = tuple(_BODY)
 
 
-@lru_cache(maxsize=128)
-def _scanner(detectors: frozenset[str], mode: str) -> _Scanner:
-    alts = tuple(a for a in _ALTS if a.detector in detectors)
+@lru_cache(maxsize=256)
+def _scanner(detectors: frozenset[str], mode: str, absent: frozenset[str] = frozenset()
+             ) -> _Scanner:
+    """The scanner of `detectors` in `mode`, without the alternatives whose `_SOURCE` is in
+    `absent` (the caller checked that they match nowhere in the text: see `_absent`)."""
+    alts = tuple(a for a in _ALTS if a.detector in detectors and _SOURCE[a.first] not in absent)
     # `first` is a class ("[0-9]") or one escaped character ("\\+"): either fits in a class.
     anchors = "".join(sorted({a.first[1:-1] if a.first[0] == "[" else a.first for a in alts}))
     groups: dict[str, list[str]] = {"plain": [], "digit": [], "mixed": []}
@@ -336,22 +376,32 @@ def _scanner(detectors: frozenset[str], mode: str) -> _Scanner:
     # A digit right after a digit never starts a hit: reject it before trying alternatives.
     combined = f"[{anchors}](?<![0-9][0-9])(?:{'|'.join(branches)})"
     compiled = re.compile(combined, re.DOTALL)
-    by_group = [0] * (compiled.groups + 1)
-    for name, number in compiled.groupindex.items():
-        by_group[number] = int(name[1:])
-    retries: list[tuple[tuple[int, re.Pattern[str]], ...]] = [()] * len(alts)
+    group = {int(name[1:]): number for name, number in compiled.groupindex.items()}
+    checks: list[Check | None] = [None] * (compiled.groups + 1)
+    names = [""] * (compiled.groups + 1)
+    retries: list[tuple[tuple[int, re.Pattern[str], Check | None], ...]] = [()] * len(checks)
+    for i, a in enumerate(alts):
+        checks[group[i]] = _check(a)
+        names[group[i]] = a.detector
     for indices in order.values():
         for pos, i in enumerate(indices):
-            retries[i] = tuple((j, exact[j]) for j in indices[pos + 1:])
-    validators = tuple(_VALIDATORS[a.detector] for a in alts)
+            retries[group[i]] = tuple((group[j], exact[j], _check(alts[j]))
+                                      for j in indices[pos + 1:])
     sources = frozenset(_SOURCE[a.first] if a.kind != "digit" else "runs" for a in alts)
-    return _Scanner(compiled, alts, tuple(by_group), validators,
-                    tuple(a.detector for a in alts), tuple(retries), sources)
+    return _Scanner(compiled, alts, tuple(checks), tuple(names), tuple(retries), sources)
+
+
+def _check(alt: _Alt) -> Check | None:
+    if alt.decided:
+        return None
+    if alt.detector == "ip_address":
+        return _ipv6 if alt.first == ":" else _ipv4
+    return _VALIDATORS[alt.detector]
 
 
 # How `_candidates` finds the places where an alternative can start, by its anchor class.
 _SOURCE = {r"\-": "pem", "y": "jwt", "A": "aws", "[A-Z]": "iban", "@": "email", r"\+": "plus",
-           r"\(": "runs", ":": "colon"}
+           r"\(": "runs", ":": "colon", "[0-9]": "runs", "1": "runs", "0": "runs", "[1-9]": "runs"}
 
 
 def check_detectors(names: Iterable[str]) -> tuple[str, ...]:
@@ -387,23 +437,38 @@ def scan(text: str, detectors: Iterable[str] = DETECTORS, mode: str = "text"
         # Both scans find the same hits; which is faster depends on the text. The candidate
         # scan pays a Python step per run of 7+ digits and separators, the combined scan a
         # matcher entry (in C) per digit: with many runs (PII-dense text) the latter wins.
-        if copy.count(b"0000000") * RUN_SPACING < len(text):
+        if not _dense(copy):
             return _scan_candidates(text, scanner, copy)
+        # Leave out of the combined pattern what matches nowhere in this text: fewer anchor
+        # characters where the matcher stops, fewer alternatives tried at each stop.
+        absent = _absent(text, copy, scanner.sources)
+        if absent == scanner.sources:
+            return []
+        if absent:
+            scanner = _scanner(wanted, mode, absent)
+    if mode == "json" and "colon" in scanner.sources:
+        # A ':' right after a '"' and before a space or a '"' (a member's separator) starts no
+        # candidate and is part of none, so it need not cost the combined scan a stop.
+        text = text.replace('": ', _NO_STOP[0]).replace('":"', _NO_STOP[1])
     return _scan_combined(text, scanner)
 
 
-def _validate(text: str, at: int, end: int, index: int, scanner: _Scanner
-              ) -> tuple[int, int, str] | None:
-    """The hit a match of detector `index` at text[at:end] stands for, or None when neither it
-    nor a retry of another detector at the same place validates (shared by both scans)."""
-    check = scanner.validators[index]
-    span = (at, end) if check is _accept else check(text, at, end)
-    if span is not None:
-        return span[0], span[1], scanner.names[index]
-    for j, pattern in scanner.retries[index]:
+# The separators that `scan` rewrites in mode "json", same length (hits are offsets). Why this
+# cannot change a hit: only the IPv6 alternative starts at a ':', and only when a hex digit or
+# a ':' follows; its body is a run of hex digits and ':' that cannot take in a ':' after a '"';
+# its validator looks left for a ':' only next to a hex digit. No other pattern or validator
+# reads ':' or \x01 differently (neither is a word, digit, separator or base64 character, and
+# a private key's body never spans a '"' in this mode).
+_NO_STOP = ('"\x01 ', '"\x01"')
+
+
+def _retry(text: str, at: int, group: int, scanner: _Scanner) -> tuple[int, int, str] | None:
+    """After a match of alternative `group` at `at` failed its validator: the hit of another
+    alternative that matches there and validates, or None (shared by both scans)."""
+    for j, pattern, check in scanner.retries[group]:
         again = pattern.match(text, at)
         if again is not None:
-            span = scanner.validators[j](text, at, again.end())
+            span = (at, again.end()) if check is None else check(text, at, again.end())
             if span is not None:
                 return span[0], span[1], scanner.names[j]
     return None
@@ -412,25 +477,36 @@ def _validate(text: str, at: int, end: int, index: int, scanner: _Scanner
 def _scan_combined(text: str, scanner: _Scanner) -> list[tuple[int, int, str]]:
     """`scan` with one left-to-right search of the combined pattern (any text)."""
     finditer = scanner.combined.finditer
-    by_group = scanner.by_group
+    checks, names, retries = scanner.checks, scanner.names, scanner.retries
     hits: list[tuple[int, int, str]] = []
+    append = hits.append
     pos = 0
     last_end = -1
     ordered = True
     while True:
         restart = -1
         for m in finditer(text, pos):
+            group = m.lastindex
             at, end = m.span()
-            hit = _validate(text, at, end, by_group[m.lastindex], scanner)  # type: ignore[index]
-            if hit is None:
-                if text[at:end].isdigit():
-                    continue  # no hit starts inside a run of digits: scan on from its end
-                restart = at + 1
-                break
-            start, stop, name = hit
+            check = checks[group]  # type: ignore[index]
+            if check is None:
+                start, stop = at, end
+                name = names[group]  # type: ignore[index]
+            elif (span := check(text, at, end)) is not None:
+                start, stop = span
+                name = names[group]  # type: ignore[index]
+            else:
+                hit = (_retry(text, at, group, scanner)  # type: ignore[arg-type]
+                       if retries[group] else None)  # type: ignore[index]
+                if hit is None:
+                    if text[at:end].isdigit():
+                        continue  # no hit starts inside a run of digits: scan on from its end
+                    restart = at + 1
+                    break
+                start, stop, name = hit
             if start < last_end:
                 ordered = False
-            hits.append((start, stop, name))
+            append((start, stop, name))
             last_end = stop
             if stop != end:  # the validator ended the hit early: scan on from there
                 restart = max(stop, at + 1)
@@ -464,6 +540,35 @@ _LITERALS = {"pem": ("-----BEGIN", 0), "jwt": ("eyJ", 1), "email": ("@", 0),
              "plus": ("+", 0)}
 CANDIDATES_MIN = 256  # shorter texts: one combined scan costs less than the set-up
 RUN_SPACING = 80  # the candidate scan while there is under one 7-run per 80 characters
+SAMPLE = 2048  # a text whose start is dense is dense enough: no need to count all its runs
+
+
+def _dense(copy: bytes) -> bool:
+    """At least one run of 7+ digits and separators per RUN_SPACING characters (in the copy
+    made with `_COPY_TABLE`): then the combined scan is the faster one."""
+    n = len(copy)
+    if n > SAMPLE and copy.count(b"0000000", 0, SAMPLE) * RUN_SPACING >= SAMPLE:
+        return True
+    return copy.count(b"0000000") * RUN_SPACING >= n
+
+
+def _absent(text: str, copy: bytes, sources: frozenset[str]) -> frozenset[str]:
+    """The sources (see `_SOURCE`) whose alternatives cannot match anywhere in `text`: each
+    test looks for something that every match of those alternatives contains. Only the cheap
+    tests (a few microseconds per 10 KB) that pay for themselves are made."""
+    out = []
+    if "pem" in sources and ("K" not in text or "-----BEGIN" not in text):
+        out.append("pem")
+    if "jwt" in sources and ("J" not in text or "eyJ" not in text):
+        out.append("jwt")
+    if "iban" in sources and _IBAN_START.search(copy) is None:
+        out.append("iban")
+    if "colon" in sources and _COLON.search(text) is None:
+        out.append("colon")
+    return frozenset(out)
+
+
+_IBAN_START = re.compile(b"AA00")  # in the copy: two capitals, two digits (faster than `in`)
 
 
 def _find_all(haystack: Any, needle: Any, shift: int, out: list[int]) -> None:
@@ -505,7 +610,7 @@ def _scan_candidates(text: str, scanner: _Scanner, copy: bytes) -> list[tuple[in
     a match can start: the same matches, in the same order, so the same hits."""
     events, runs = _candidates(text, scanner.sources, copy)
     combined = scanner.combined
-    by_group = scanner.by_group
+    checks, names = scanner.checks, scanner.names
     n = len(text)
     hits: list[tuple[int, int, str]] = []
     pos = 0  # where the original left-to-right scan would search next
@@ -534,7 +639,11 @@ def _scan_candidates(text: str, scanner: _Scanner, copy: bytes) -> list[tuple[in
                 if m is None or m.start() >= run_end:
                     break
             at, end = m.span()  # type: ignore[union-attr]
-            hit = _validate(text, at, end, by_group[m.lastindex], scanner)  # type: ignore[union-attr,index]
+            group = m.lastindex  # type: ignore[union-attr]
+            check = checks[group]  # type: ignore[index]
+            span = (at, end) if check is None else check(text, at, end)
+            hit = ((span[0], span[1], names[group]) if span is not None  # type: ignore[index]
+                   else _retry(text, at, group, scanner))  # type: ignore[arg-type]
             if hit is None:
                 # no hit starts inside a run of digits: scan on from its end
                 pos = end if text[at:end].isdigit() else at + 1

@@ -28,6 +28,7 @@ import codecs
 import hashlib
 import hmac
 import json
+import operator
 import os
 import re
 import secrets
@@ -642,6 +643,7 @@ def mask_json_text(text: str, masks: Iterable[Any], key: bytes, *, k8s: bool = F
 
 
 _ESCAPE = re.compile(r'\\["\\/bfnrt]')
+_DETECTOR = operator.itemgetter(2)  # of a hit (start, end, detector)
 
 
 def _mask_raw_json(text: str, plan: _Plan, key: bytes) -> MaskResult | None:
@@ -654,9 +656,11 @@ def _mask_raw_json(text: str, plan: _Plan, key: bytes) -> MaskResult | None:
     value, and a '"' bounds a hit exactly like the start or end of a value (mode "json": no hit
     spans a '"'). So the hits are those of every value and key, found in one scan. Paths are
     reported as `$..key` (the member's key), `$..[*]` for an array item, `$..*` for a key."""
-    if "\\u" in text:
-        return None
-    scan = _ESCAPE.sub("\x01\x01", text) if "\\" in text else text
+    scan = text
+    if "\\" in text:  # (one character: a much faster search than the two of "\\u")
+        if "\\u" in text:
+            return None
+        scan = _ESCAPE.sub("\x01\x01", text)
     hits = det.scan(scan, plan.detectors, "json")
     if not hits:
         return MaskResult(text)
@@ -665,33 +669,36 @@ def _mask_raw_json(text: str, plan: _Plan, key: bytes) -> MaskResult | None:
     tokens, by_detector = plan.tokens, plan.by_detector
     out: list[str] = []
     touched: list[str] = []
-    rules: dict[str, None] = {}
     names: dict[str, str] = {}
-    count, rfind, add = scan.count, scan.rfind, touched.append  # the hot loop: ~90 hits / 10 KB
+    # the hot loop (~90 hits per 10 KB of PII-dense JSON): bound methods, no helper calls for
+    # the usual member `"key": "...value..."`
+    count, rfind = scan.count, scan.rfind
+    add, emit, get = touched.append, out.append, names.get
     pos = quotes = prev = 0
-    last = ""
     for start, end, name in hits:
         quotes += count('"', prev, start)
-        prev = start
         if not quotes & 1:
             return None  # outside every string: a long number, let the tree handle it
-        if name is not last:
-            last = name
-            mask = by_detector[name]
-            rules[mask.id] = None
+        prev = start
         rep = tokens[name]
         if rep is None:
-            rep = _replacement(mask.strategy, text[start:end], name, key)
-        out += (text[pos:start], rep)  # type: ignore[arg-type]  # no null strategy here
+            rep = _replacement(by_detector[name].strategy, text[start:end], name, key)
+        emit(text[pos:start])
+        emit(rep)  # type: ignore[arg-type]  # no null strategy here
         pos = end
-        q1 = rfind('"', 0, start)
-        j = q1 - 2 if q1 > 0 and scan[q1 - 1] == " " else q1 - 1  # "k":"v" or "k": "v"
-        if j > 0 and scan[j] == ":" and scan[j - 1] == '"':
-            member = text[rfind('"', 0, j - 1) + 1:j - 1]
-            add(names.get(member) or _key_path(member, names))
+        # the string's opening quote (most often right before the hit: a value that is a hit)
+        q1 = start - 1 if scan[start - 1] == '"' else rfind('"', 0, start)
+        if q1 >= 3 and scan[q1 - 3:q1] == '": ':  # "k": "v"
+            kq = q1 - 3
+        elif q1 >= 2 and scan[q1 - 2:q1] == '":':  # "k":"v"
+            kq = q1 - 2
         else:
             add(_raw_path(scan, text, q1, end, names))
-    out.append(text[pos:])
+            continue
+        member = text[rfind('"', 0, kq) + 1:kq]
+        add(get(member) or _key_path(member, names))
+    emit(text[pos:])
+    rules = dict.fromkeys(by_detector[n].id for n in dict.fromkeys(map(_DETECTOR, hits)))
     return MaskResult("".join(out), tuple(touched), tuple(rules), len(hits))
 
 

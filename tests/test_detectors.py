@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -251,3 +253,86 @@ def test_card_with_doubled_separators_is_not_one_card() -> None:
     assert not det.find("4111  1111 1111 1111", ["credit_card"])
     assert not det.find("4111 -1111 1111 1111", ["credit_card"])
     assert det.find("4111-1111-1111-1111", ["credit_card"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast paths of `scan` (alternatives that match nowhere in a text left out of its pattern,
+# JSON member separators not stopped at, the candidate scan) must find exactly what the full
+# combined pattern finds on the unchanged text.
+
+JSON_PIECES = ['": ', '":"', '":', '"::1"', '": "fe80::1"', '"2024-05-12T10:11:00Z"',
+               '{"ip": "10.0.0.1"}', '"a":"b@c.io"', '[": ", ', '"x": 4111111111111111',
+               "AA00", "ASIA", "-----BEGIN PRIVATE KEY-----", "eyJhbGciOiJub25lIn0.eyJ4In0."]
+JSONISH = st.text(alphabet="0123456789 ().-:+@aAeyJKSZ\"\n_x{}[],", max_size=12)
+
+
+def _full_scan(text: str, detectors: frozenset[str], mode: str) -> list[tuple[int, int, str]]:
+    return det._scan_combined(text, det._scanner(detectors, mode))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(PIECES + JSON_PIECES), JSONISH), min_size=1,
+                max_size=40),
+       st.sampled_from(det.MODES),
+       st.one_of(st.just(frozenset(det.DETECTORS)),
+                 st.frozensets(st.sampled_from(det.DETECTORS), min_size=1)),
+       st.integers(min_value=1, max_value=12), st.booleans())
+def test_scan_equals_the_full_combined_scan(parts: list[str], mode: str,
+                                            detectors: frozenset[str], repeat: int,
+                                            non_ascii: bool) -> None:
+    text = "".join(parts).encode("ascii", "replace").decode("ascii") * repeat
+    if non_ascii:
+        text += " é"
+    assert det.scan(text, detectors, mode) == _full_scan(text, detectors, mode)
+
+
+def test_absent_alternatives_are_left_out_only_when_they_match_nowhere() -> None:
+    sources = det._scanner(frozenset(det.DETECTORS), "text").sources
+    filler = "lorem 2024-05-12T10:11:00Z ipsum 10.1.2.3 Main St, 12345 " * 8
+    copy = filler.encode("ascii").translate(det._COPY_TABLE)
+    assert det._absent(filler, copy, sources) == {"pem", "jwt", "iban", "colon"}
+    for value, source in (("-----BEGIN PRIVATE KEY-----", "pem"), ("eyJhbGciOiJub25lIn0.e.", "jwt"),
+                          ("DE89370400440532013000", "iban"), ("fe80::1", "colon")):
+        text = filler + value
+        copy = text.encode("ascii").translate(det._COPY_TABLE)
+        assert source not in det._absent(text, copy, sources)
+        assert det.scan(text) == _full_scan(text, frozenset(det.DETECTORS), "text")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(PIECES), FILLER), min_size=1, max_size=30))
+def test_alternatives_decided_by_their_pattern_always_pass_their_validator(
+        parts: list[str]) -> None:
+    # Phones whose pattern fixes the count of digits, IPv4 with the octets checked by the
+    # pattern, private keys and AWS keys skip the validator: it would accept every match.
+    text = "".join(parts)
+    for alt in det._ALTS:
+        if not alt.decided:
+            continue
+        rest = alt.rest.replace("ANY", "[^\"]")
+        pattern = re.compile(f"{alt.first}{alt.second}{rest}")
+        for i in range(len(text)):
+            m = pattern.match(text, i)
+            if m is not None:
+                assert det._VALIDATORS[alt.detector](text, i, m.end()) == (i, m.end()), alt
+
+
+OCTETS = ["0", "1", "9", "10", "01", "00", "09", "99", "100", "199", "200", "249", "250", "255",
+          "256", "260", "300", "999", "1000"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(OCTETS), min_size=4, max_size=4),
+       st.sampled_from([" ", "'", "[", '"', ","]), st.sampled_from([" ", "'", "]", '"', ","]))
+def test_ipv4_octets_are_checked_like_ipaddress(octets: list[str], left: str, right: str) -> None:
+    import ipaddress
+
+    value = ".".join(octets)
+    try:
+        ipaddress.IPv4Address(value)
+        valid = True
+    except ValueError:
+        valid = False
+    text = f"x{left}{value}{right}y"
+    hits = [text[h.start:h.end] for h in det.find(text, ["ip_address"])]
+    assert hits == ([value] if valid else [])

@@ -433,3 +433,44 @@ def test_long_pii_dense_bodies_fast_path_equals_tree_path() -> None:
         tree = masking.mask_json(json.loads(text), [det_mask()], KEY)
         assert json.loads(fast.value) == tree.value
         assert fast.count == tree.count > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(SECRETS)), filler, st.integers(0, 3)),
+                min_size=1, max_size=12),
+       st.sampled_from([(None, (", ", ": ")), (None, (",", ":")), (2, (",", ": "))]),
+       st.sampled_from(["redact", "null"]), st.permutations(["a", "b"]))
+def test_raw_fast_path_equals_tree_path_with_several_masks(
+        parts: list[tuple[str, str, int]], layout: tuple[int | None, tuple[str, str]],
+        strategy: str, order: list[str]) -> None:
+    # Values that are a hit, hits inside text, array items, keys, and long numbers (which
+    # send the body to the tree path), formatted compact, with ": " and indented; two masks
+    # that share detectors (the first listed decides).
+    items: list[object] = []
+    for name, text, shape in parts:
+        secret = SECRETS[name]
+        items.append([{name: secret}, {"note": f"{text} {secret}\n{text}"}, [secret, text],
+                      {secret: text, "n": 4111111111111111}][shape])
+    masks = {"a": det_mask(strategy, ("email", "credit_card", "phone", "ip_address"), "a"),
+             "b": det_mask("redact", ALL, "b")}
+    ordered = [masks[k] for k in order]
+    indent, separators = layout
+    text = json.dumps({"items": items}, indent=indent, separators=separators)
+    fast = masking.mask_json_text(text, ordered, KEY)
+    tree = masking.mask_json(json.loads(text), ordered, KEY)
+    assert json.loads(fast.value) == tree.value
+    assert fast.count == tree.count and set(fast.rules) == set(tree.rules)
+    assert len(fast.touched) >= 1
+
+
+def test_raw_fast_path_reports_member_paths_for_every_layout() -> None:
+    # "k": "v", "k":"v" (a hit that is the whole value or inside it), an array item, a key,
+    # and two spaces after the colon (found by the general path).
+    text = ('{"a": "alice@example.com", "b":"x 10.0.0.1", "c": ["+1 415 555 2671"], '
+            '"bob@example.com": 1, "d":  "4111 1111 1111 1111"}')
+    r = masking.mask_json_text(text, [det_mask()], KEY)
+    assert r.value == ('{"a": "[MASKED:email]", "b":"x [MASKED:ip_address]", '
+                       '"c": ["[MASKED:phone]"], "[MASKED:email]": 1, '
+                       '"d":  "[MASKED:credit_card]"}')
+    assert r.touched == ("$..a", "$..b", "$..[*]", "$..*", "$..d")
+    assert r.rules == ("pii",) and r.count == 5
