@@ -33,5 +33,5 @@ def make_addons(runtime: Any) -> list[Any]:
     if masking_addon is not None:
         chain.append(masking_addon(runtime))
     chain.append(AuditAddon(runtime.audit))
-    chain.append(Recorder(runtime.config.recordings_dir))
+    chain.append(getattr(runtime, "recorder", None) or Recorder(runtime.config.recordings_dir))
     return chain

@@ -55,11 +55,36 @@ def scrub_bytes(data: bytes | None) -> bytes | None:
     return masking.scrub(text).encode()
 
 
+_SEP = "\n\x1e\n"  # joins messages for one detector pass; no detector match spans it
+
+
+def scrub_all(contents: list[bytes]) -> list[bytes]:
+    """`scrub_bytes` of each, in one detector pass over them all (a segment has hundreds of
+    short messages). When a separator did not survive (a hit spanning two messages), each
+    message is scrubbed on its own."""
+    from addons import masking
+
+    try:
+        texts = [c.decode("utf-8") for c in contents]
+    except UnicodeDecodeError:
+        texts = []
+    if texts and not any(_SEP in t for t in texts):
+        out = masking.scrub(_SEP.join(texts)).split(_SEP)
+        if len(out) == len(texts):
+            return [t.encode() for t in out]
+    return [scrub_bytes(c) or b"" for c in contents]
+
+
 class Recorder:
+    """Shared by the HTTP addon chain and the Postgres gateway (`Runtime.recorder`): one lock
+    around the daily file, so flows written from the Postgres recorder thread never interleave
+    with HTTP flows."""
+
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.lock = threading.Lock()
         self._files: dict[str, Any] = {}
+        self.failures = 0  # flows that could not be recorded (logged each time)
 
     def _writer(self) -> Any:
         from mitmproxy import io
@@ -116,7 +141,46 @@ class Recorder:
                 writer.add(copy)
                 fh.flush()
         except Exception:  # noqa: BLE001 - never fatal; the audit line already exists
+            self.failures += 1
             log.exception("could not record flow")
+
+    def record_tcp(self, client: tuple[str, int], server: tuple[str, int],
+                   messages: list[tuple[bool, bytes, float]], metadata: dict[str, Any], *,
+                   sockname: tuple[str, int] = ("", 0), comment: str = "",
+                   started: float | None = None, ended: float | None = None) -> bool:
+        """Append one TCP flow (a Postgres session segment) to the daily file. Messages are
+        `(from_client, content, timestamp)`, already rendered; their text passes through
+        `masking.scrub` once more. Thread-safe; False (logged, counted) when it failed."""
+        from mitmproxy import connection, tcp
+
+        try:
+            first = messages[0][2] if messages else time.time()
+            start = min(first, started) if started is not None else first
+            end = max(messages[-1][2] if messages else start, ended or start)
+            # Keyword arguments only: accepted by mitmproxy 11 and 12 alike.
+            client_conn = connection.Client(peername=(client[0], client[1]),
+                                            sockname=(sockname[0], sockname[1]),
+                                            timestamp_start=start)
+            client_conn.timestamp_end = end
+            server_conn = connection.Server(address=(server[0], server[1]))
+            server_conn.timestamp_start = server_conn.timestamp_tcp_setup = start
+            server_conn.timestamp_end = end
+            flow = tcp.TCPFlow(client_conn, server_conn)
+            flow.timestamp_created = start
+            contents = scrub_all([content for _, content, _ in messages])
+            flow.messages = [tcp.TCPMessage(fc, content, ts)
+                             for (fc, _, ts), content in zip(messages, contents, strict=True)]
+            flow.metadata = dict(metadata)
+            flow.comment = comment
+            with self.lock:
+                fh, writer = self._writer()
+                writer.add(flow)
+                fh.flush()
+            return True
+        except Exception:  # noqa: BLE001 - never fatal; the audit lines already exist
+            self.failures += 1
+            log.exception("could not record tcp flow")
+            return False
 
     # mitmproxy hooks
     def response(self, flow: Any) -> None:

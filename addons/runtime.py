@@ -11,6 +11,7 @@ from addons.audit import AuditLog
 from addons.config import GatewayConfig
 from addons.identity import DevIssuer, Verifier
 from addons.policystore import PolicyStore
+from addons.recorder import Recorder
 from addons.targets import TargetIndex
 
 
@@ -23,6 +24,7 @@ class Runtime:
     targets: TargetIndex
     mask_key: bytes
     approvals: ApprovalStore
+    recorder: Recorder | None = None  # shared by the HTTP addons and the Postgres gateway
 
     @property
     def ca_cert_path(self) -> Path:
@@ -53,4 +55,5 @@ def build_runtime(config: GatewayConfig) -> Runtime:
     mask_key = key_loader(config.state_dir) if key_loader else b""
     return Runtime(config=config, verifier=verifier, policies=store, audit=audit,
                    targets=TargetIndex(config), mask_key=mask_key,
-                   approvals=ApprovalStore(config.state_dir / "approvals.json"))
+                   approvals=ApprovalStore(config.state_dir / "approvals.json"),
+                   recorder=Recorder(config.recordings_dir))

@@ -223,6 +223,8 @@ class Relay(Answers):
                                             f"portcullis: {err2.reason}").encode(), extended)
             return None
         self._log("ALLOW", op["summary"], v.decision.rules, audit_id)
+        if self.s.recording is not None:
+            self.s.recording.statement(op, "allow", v.decision.rules)
         return Exec(v, audit_id, self.env.monotonic(), sql, policy, statement)
 
     def _audit_denial(self, v: Verdict | None, rule: str, reason: str,
@@ -237,6 +239,8 @@ class Relay(Answers):
             log.error("audit write failed for a denied statement from %s", self.s.client)
             rid = "-"
         self._log("DENY", op["summary"], (rule,), rid)
+        if self.s.recording is not None:
+            self.s.recording.statement(op, "deny", (rule,))
 
     def _log(self, effect: str, summary: str, rules: Any, rid: str) -> None:
         ident = self.s.identity

@@ -19,6 +19,7 @@ from typing import Any
 from addons.identity import NeedsKeys
 from addons.model import AuthError
 from proxy_db import catalog as cat
+from proxy_db import recording
 from proxy_db.messages import CancelRequest, SSLRequest, Terminate
 from proxy_db.session import (
     AwaitApproval,
@@ -138,6 +139,8 @@ class Gateway:
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self._flush_scheduled = False
+        # Session recordings (SPEC §7), rendered and written off the loop; None: not recorded
+        self.recordings = recording.writer_for(runtime)
 
     def env(self) -> Env:
         cfg = self.runtime.config
@@ -146,7 +149,8 @@ class Gateway:
                    tls_available=self.tls is not None,
                    require_tls=getattr(cfg, "postgres_tls", "prefer") == "require",
                    catalogs=self.catalogs, defer_outcomes=True,
-                   approvals=getattr(self.runtime, "approvals", None))
+                   approvals=getattr(self.runtime, "approvals", None),
+                   recorder=self.recordings)
 
     def new_cancel_key(self, target: Any, upstream_key: tuple[int, int]) -> tuple[int, int]:
         while True:
@@ -208,6 +212,8 @@ class Gateway:
         for c in self.catalog_conns.values():
             c.close()
         self._flush_audit()
+        if self.recordings is not None:
+            self.recordings.close()  # waits until every session's last segment is written
 
 
 class _Pauses:
@@ -358,6 +364,7 @@ class Connection(asyncio.Protocol):
         if self.session is not None:
             self.session.run_deferred()
             self.gw.audit_written()
+            self.session.end_recording(self.session.close_reason or "connection closed")
         if self.cancel_key is not None:
             self.gw.cancel_keys.pop(self.cancel_key, None)
             self.cancel_key = None

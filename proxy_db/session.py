@@ -157,6 +157,8 @@ class Env:
     defer_outcomes: bool = False
     # addons.approvals.ApprovalStore: `review` statements are held for approval (None: refused)
     approvals: Any = None
+    # recording.Segment sink (recording.SegmentWriter); None: the session is not recorded
+    recorder: Callable[[Any], None] | None = None
     decisions: logging.Logger = field(
         default_factory=lambda: logging.getLogger("portcullis.decisions"))
 
@@ -188,11 +190,14 @@ class Session:
         self.relay: Any = None
         # audit outcomes and ALLOW log lines (Env.defer_outcomes), written by run_deferred()
         self.deferred: list[tuple[Any, ...]] = []
+        self.recording: Any = None  # recording.SessionRecording once READY (Env.recorder)
 
     # -- plumbing -------------------------------------------------------------------------------
     def take(self) -> tuple[bytes, bytes, list[Any]]:
         """Bytes for the client, bytes for the upstream, and actions, since the last call."""
         c = b"".join(self._out_client)
+        if self.recording is not None and c:
+            self.recording.to_client(c)
         u = b"".join(self._out_upstream)
         a = self._actions
         self._out_client, self._out_upstream, self._actions = [], [], []
@@ -243,6 +248,13 @@ class Session:
         self.close_reason = reason
         self._to("closed")
         self.act(CloseSession(reason))
+        self.end_recording(reason)
+
+    def end_recording(self, reason: str) -> None:
+        """Hand the recording's last segment over (idempotent; the server calls it too)."""
+        rec, self.recording = self.recording, None
+        if rec is not None:
+            rec.finish(reason, b"".join(self._out_client))
 
     # -- input ----------------------------------------------------------------------------------
     def client_data(self, data: bytes) -> None:
@@ -409,6 +421,10 @@ class Session:
         out.append(ReadyForQuery(status).encode())
         self.send_client(b"".join(out))
         self.relay = Relay(self, status)
+        if self.env.recorder is not None:
+            from proxy_db.recording import SessionRecording
+
+            self.recording = SessionRecording.for_session(self)
         log.info("session open client=%s sub=%s target=%s db=%s", self.client,
                  self.identity.sub if self.identity else "-", self.target.name, self.database)
         held, self._held = b"".join(self._held), []
