@@ -142,6 +142,7 @@ class Recorder:
                 fh.flush()
         except Exception:  # noqa: BLE001 - never fatal; the audit line already exists
             self.failures += 1
+            _count_failure()
             log.exception("could not record flow")
 
     def record_tcp(self, client: tuple[str, int], server: tuple[str, int],
@@ -179,6 +180,7 @@ class Recorder:
             return True
         except Exception:  # noqa: BLE001 - never fatal; the audit lines already exist
             self.failures += 1
+            _count_failure()
             log.exception("could not record tcp flow")
             return False
 
@@ -199,6 +201,12 @@ class Recorder:
             for fh, _ in self._files.values():
                 fh.close()
             self._files.clear()
+
+
+def _count_failure() -> None:
+    from addons.metrics import RECORDING_FAILURES
+
+    RECORDING_FAILURES.inc()
 
 
 def _without_secrets(flow: Any, secrets: list[bytes]) -> Any:

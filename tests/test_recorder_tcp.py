@@ -82,6 +82,10 @@ def test_http_and_tcp_writers_on_several_threads_never_interleave(tmp_path: Path
 def test_a_recording_failure_is_counted_not_raised(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
+    from addons.metrics import REGISTRY
+
+    before = REGISTRY.get_sample_value("portcullis_recording_failures_total") or 0.0
     rec = Recorder(blocker)
     assert rec.record_tcp(("127.0.0.1", 1), ("127.0.0.1", 2), [(True, b"x", 1.0)], {}) is False
     assert rec.failures == 1
+    assert REGISTRY.get_sample_value("portcullis_recording_failures_total") == before + 1
