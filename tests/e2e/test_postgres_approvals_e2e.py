@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e.test_approvals_e2e import pending as pending_approvals
 from tests.fixtures import pg_cluster
 from tests.fixtures.gateway import ROOT, free_port
 from tests.fixtures.pg_cluster import PASSWORDS, PgCluster
@@ -85,16 +86,8 @@ def psql_in_thread(gw: Any, tok: str, sql: str, out: dict[str, Any]) -> threadin
     return t
 
 
-def pending(gw: Any, reviewer: str, deadline: float = 15) -> list[dict[str, Any]]:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        r = httpx.get(f"{gw.admin}/v1/approvals?state=pending",
-                      headers={"Authorization": f"Bearer {reviewer}"}, timeout=10)
-        assert r.status_code == 200, r.text
-        if r.json()["approvals"]:
-            return r.json()["approvals"]
-        time.sleep(0.1)
-    return []
+def pending(gw: Any, reviewer: str) -> list[dict[str, Any]]:
+    return pending_approvals(gw.admin, reviewer, deadline=15)
 
 
 def decide(gw: Any, reviewer: str, approval_id: str, verb: str, **body: Any) -> None:
