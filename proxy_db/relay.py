@@ -413,18 +413,34 @@ class Relay(Answers):
         self.s.act(AwaitApproval(approval.id))
         return True
 
+    def approval_cancelled(self) -> None:
+        """The client cancelled the held statement (CancelRequest): the approval expires and
+        the statement fails with 57014, as a cancelled statement does in PostgreSQL."""
+        if self.held is None:
+            return
+        approval_id = self.held[0]
+        state = self.env.approvals.expire(approval_id)
+        self.approval_done(approval_id, "approved" if state == "approved" else "cancelled")
+
     def approval_done(self, approval_id: str, state: str) -> None:
-        """The reviewer decided (approved / denied) or the hold timed out (expired)."""
+        """The reviewer decided (approved / denied), the hold timed out (expired) or the
+        client cancelled it (cancelled)."""
         if self.held is None or self.held[0] != approval_id:
             return
         _, v, sql, extended, resume = self.held
         self.held = None
         self.client_paused = None
-        if state == "approved":
+        if state == "cancelled":
+            message = "canceling statement due to user request"
+            self._audit_denial(v, v.decision.rule, "cancelled by the client while held for "
+                               "approval", v.audit_operation(),
+                               approval={"id": approval_id, "state": "cancelled"})
+            self._refuse(ErrorResponse.make("ERROR", "57014", message).encode(), extended)
+        elif state == "approved":
             if not self._identity_ok():  # the hold may outlast the token: FATAL 28P01
                 return
             resume(replace(v, refusal=None, approval={"id": approval_id, "state": "approved"}))
-        else:
+        else:  # denied / expired
             from addons.approvals import ApprovalError, ApprovalTimeout
 
             a = self.env.approvals.get(approval_id)

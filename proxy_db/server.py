@@ -165,6 +165,15 @@ class Gateway:
             log.info("cancel request with an unknown key ignored")
             return
         target, up_pid, up_secret = entry
+        for conn in list(self.connections):
+            relay = conn.session.relay if conn.session is not None else None
+            if conn.cancel_key == (pid, secret) and relay is not None and relay.held:
+                # The statement is held for approval, so nothing runs upstream: the cancel
+                # ends the hold (57014, as PostgreSQL answers a cancelled statement).
+                conn._call(relay.approval_cancelled)
+                conn.client_pauses.discard("approval")
+                conn.pump()
+                return
         try:
             _, writer = await asyncio.wait_for(
                 asyncio.open_connection(target.upstream.host, target.upstream.port),
@@ -472,7 +481,7 @@ class Connection(asyncio.Protocol):
                 notify_webhook(cfg.webhook_url, store.get(approval_id))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + cfg.timeout_seconds
-            while state == "pending" and loop.time() < deadline and not s.closed:
+            while state == "pending" and loop.time() < deadline and self._holding(approval_id):
                 await asyncio.sleep(POLL_SECONDS)
                 state = store.state_of(approval_id)
             if state == "pending":
@@ -480,11 +489,16 @@ class Connection(asyncio.Protocol):
         except Exception:  # noqa: BLE001 - an unreadable approval is a refused statement
             log.exception("approval %s could not be followed", approval_id)
             state = "expired"
-        if s.closed:
+        if not self._holding(approval_id):  # the session ended or the client cancelled
             return
         self._call(s.relay.approval_done, approval_id, state)
         self.client_pauses.discard("approval")
         self.pump()
+
+    def _holding(self, approval_id: str) -> bool:
+        s = self.session
+        held = s.relay.held if s is not None and not s.closed and s.relay is not None else None
+        return held is not None and held[0] == approval_id
 
     async def _lookup_function(self, action: LookupFunction) -> None:
         s = self.session

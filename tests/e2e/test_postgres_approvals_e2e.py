@@ -166,3 +166,33 @@ def test_unanswered_statement_times_out(gw: Any) -> None:
     assert not t.is_alive()
     assert time.monotonic() - started >= 2.5  # approvals.timeout_seconds: 3
     assert out["rc"] != 0 and "approval_timeout" in out["stderr"]
+
+
+def test_cancelling_a_held_statement_ends_the_hold(gw: Any, pg: PgCluster) -> None:
+    """psycopg's cancel (a CancelRequest on a new connection) while the statement is held:
+    the statement fails with 57014, nothing ran, and the approval is no longer pending."""
+    import psycopg
+
+    agent = token(gw, "agent-1", "agents")
+    reviewer = token(gw, "alice", "approvers")
+    result: dict[str, Any] = {}
+    conn = psycopg.connect(host="127.0.0.1", port=gw.pg_port, dbname="orders", user="agent",
+                           password=agent, sslmode="disable", connect_timeout=10,
+                           autocommit=True)
+
+    def run() -> None:
+        try:
+            conn.execute("DELETE FROM orders WHERE id = %s", (2,))
+        except psycopg.Error as e:
+            result["sqlstate"] = e.sqlstate
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    held = pending(gw, reviewer)
+    assert len(held) == 1
+    conn.cancel()
+    t.join(20)
+    assert not t.is_alive() and result["sqlstate"] == "57014"
+    assert conn.execute("SELECT count(*) FROM orders WHERE id = 2").fetchone() == (1,)
+    conn.close()
+    assert pending_approvals(gw.admin, reviewer, deadline=0.5) == []

@@ -188,3 +188,20 @@ def test_without_an_approval_store_review_is_refused(tmp_path: Path) -> None:
     _, u, actions = s.take()
     assert decode_frontend(u) == [fe.Query(_POISON_SQL)]
     assert not [a for a in actions if isinstance(a, AwaitApproval)]
+
+
+def test_cancel_request_ends_the_hold_with_57014(tmp_path: Path) -> None:
+    s, env, store = held_session(tmp_path)
+    aid = hold(s)
+    s.relay.approval_cancelled()
+    _, u, _ = s.take()
+    assert decode_frontend(u) == [fe.Query(_POISON_SQL)]  # nothing runs upstream
+    s.upstream_data(POISON_ERROR + be.ReadyForQuery(b"I").encode())
+    msgs = decode_all(s.take()[0])
+    assert msgs[0].sqlstate == "57014"
+    assert msgs[0].get("M") == "canceling statement due to user request"
+    assert store.state_of(aid) == "expired"
+    assert audit_lines(env)[-1]["approval"] == {"id": aid, "state": "cancelled"}
+    # a reviewer acting later changes nothing
+    s.relay.approval_done(aid, "approved")
+    assert s.take()[1] == b""
