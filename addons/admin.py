@@ -48,7 +48,8 @@ def handle_approvals(method: str, target: str, identity: Any, body: bytes, runti
     if parts == ["v1", "approvals"]:
         if method != "GET":
             return _json(405, {"error": "method_not_allowed"})
-        state = (parse_qs(query).get("state") or [None])[0]
+        states = parse_qs(query).get("state")
+        state = states[0] if states else None
         items = sorted(runtime.approvals.list(state), key=lambda a: a.created)
         return _json(200, {"approvals": [a.to_json() for a in items]})
     if len(parts) == 4 and parts[:2] == ["v1", "approvals"] and parts[3] in ("approve", "deny"):

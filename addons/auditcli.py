@@ -45,13 +45,16 @@ def _since(value: str | None) -> float | None:
     return dt.timestamp()
 
 
+_STYLES: dict[str | None, str] = {"allow": "green", "deny": "red", "review": "yellow"}
+
+
 def show(path: Path, since: str | None = None, target: str | None = None,
          decision: str | None = None) -> int:
     if not path.exists():
         print(f"portcullis: no audit log at {path}", file=sys.stderr)
         return 2
     cutoff = _since(since)
-    outcomes: dict[str, dict] = {}
+    outcomes: dict[str | None, dict] = {}  # by decision_id, as the records carry it
     decisions = []
     for _, rec in iter_records(path):
         if rec.get("type") == "outcome":
@@ -75,7 +78,7 @@ def show(path: Path, since: str | None = None, target: str | None = None,
         oc = out.get("outcome") or {}
         masked = (out.get("masked") or {}).get("count", 0)
         ident = rec.get("identity") or {}
-        style = {"allow": "green", "deny": "red", "review": "yellow"}.get(rec.get("decision"), "")
+        style = _STYLES.get(rec.get("decision"), "")
         table.add_row(rec["time"], f"[{style}]{rec.get('decision')}[/{style}]",
                       rec.get("protocol") or "", rec.get("target") or "-", ident.get("sub", "-"),
                       (rec.get("operation") or {}).get("summary", ""),

@@ -126,16 +126,16 @@ class CredentialsAddon:
         if server.alpn_offers:
             conn.set_alpn_protos(list(server.alpn_offers))
         if target.tls.verify:
-            param = SSL._lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
-            SSL._lib.X509_VERIFY_PARAM_set_hostflags(param, DEFAULT_HOSTFLAGS)  # type: ignore
+            param = SSL._lib.SSL_get0_param(conn._ssl)
+            SSL._lib.X509_VERIFY_PARAM_set_hostflags(param, DEFAULT_HOSTFLAGS)
             try:
                 ip = ipaddress.ip_address(sni).packed
             except ValueError:
                 name = sni.encode("idna")
                 conn.set_tlsext_host_name(name)
-                ok = SSL._lib.X509_VERIFY_PARAM_set1_host(param, name, len(name))  # type: ignore
+                ok = SSL._lib.X509_VERIFY_PARAM_set1_host(param, name, len(name))
             else:
-                ok = SSL._lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))  # type: ignore
+                ok = SSL._lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))
             if ok != 1:
                 raise RuntimeError("cannot enable upstream hostname verification")
         else:

@@ -75,9 +75,12 @@ def start_upstreams(config: GatewayConfig, demo_dir: Path) -> list[Any]:
     api = _target(config, "http")
     if api is not None and api.hosts:
         host, port = api.hosts[0]
+        token = api.credentials.token
+        if token is None:
+            raise ValueError(f"demo: target {api.name!r} needs bearer credentials "
+                             "(the sample API checks its token)")
         started.append(SampleAPI("127.0.0.1", port or 443, str(demo_dir / "upstream-cert.pem"),
-                                 str(demo_dir / "upstream-key.pem"),
-                                 api.credentials.token.reveal()).start())
+                                 str(demo_dir / "upstream-key.pem"), token.reveal()).start())
     k8s = _target(config, "kubernetes")
     if k8s is not None and k8s.hosts:
         from demo.k8s_api import FakeKubeAPI

@@ -173,8 +173,8 @@ def _credit_card(text: str, start: int, end: int) -> Span:
     stop = shape.end()
     while len(groups) > 1:
         stop -= len(groups.pop()) + 1
-        digits = "".join(groups)
-        if 13 <= len(digits) <= 19 and luhn_ok(digits):
+        prefix = "".join(groups)
+        if 13 <= len(prefix) <= 19 and luhn_ok(prefix):
             return start, stop
     return None
 

@@ -506,12 +506,12 @@ def _mask_detected(doc: Any, plan: _Plan, key: bytes, touch: _Touch) -> Any:
         return doc
     o = _collect(doc)
     keys = list(o.keys)
-    hits = _scan_all(o.texts + keys, plan.detectors)
-    if not hits:
+    found = _scan_all(o.texts + keys, plan.detectors)  # (text index, span) pairs
+    if not found:
         return doc
     n_values = len(o.texts)
     by_text: dict[int, list[Span]] = {}
-    for i, h in hits:
+    for i, h in found:
         by_text.setdefault(i, []).append(h)
     copies: dict[int, Any] = {}  # id(original container) -> its copy
     root = [doc]
@@ -883,7 +883,8 @@ def _k8s(obj: Any, path: tuple[Any, ...], key: bytes, strategy: str, secret: boo
             new = {**new, field_name: masked_values}
     meta = obj.get("metadata")
     annotations = meta.get("annotations") if type(meta) is dict else None
-    if type(annotations) is dict and isinstance(annotations.get(LAST_APPLIED), str):
+    if (type(meta) is dict and type(annotations) is dict
+            and isinstance(annotations.get(LAST_APPLIED), str)):
         applied = _k8s_last_applied(annotations[LAST_APPLIED], key, strategy, is_secret, touch)
         if applied is not annotations[LAST_APPLIED]:
             new = {**new, "metadata": {**meta, "annotations": {**annotations,

@@ -185,10 +185,16 @@ def mask_gaps(expected: Sequence[str], masks: Sequence[MaskRule]) -> list[str]:
     return gaps
 
 
-def target_protocol(targets: Mapping[str, str] | None, target: Any) -> str | None:
-    """The configured protocol of `target` (None when no config says; RequestError if unknown)."""
+def target_name(target: Any) -> str:
+    """`request.target` as a target name (RequestError if it is not a non-empty string)."""
     if not isinstance(target, str) or not target:
         raise RequestError("request.target must be a target name")
+    return target
+
+
+def target_protocol(targets: Mapping[str, str] | None, target: Any) -> str | None:
+    """The configured protocol of `target` (None when no config says; RequestError if unknown)."""
+    target = target_name(target)
     if targets is None:
         return None
     if target not in targets:
@@ -204,7 +210,7 @@ def prepare_test(targets: Mapping[str, str] | None, test: PolicyTest
         raise RequestError(f"unknown request key {sorted(unknown)[0]!r} "
                            f"(allowed: {', '.join(sorted(REQUEST_KEYS))})")
     identity = build_identity(test.identity)
-    target = test.request.get("target")
+    target = target_name(test.request.get("target"))
     protocol = target_protocol(targets, target)
     kind = next(k for k in ("http", "kubernetes", "sql") if k in test.request)
     return identity, prepare(kind, test.request[kind], target, protocol)

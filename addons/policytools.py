@@ -24,7 +24,15 @@ from rich.table import Table
 from rich.text import Text
 
 from addons.model import Identity, Operation
-from addons.policy import PolicyError, PolicySet, load_file, load_policies, policy_files
+from addons.policy import (
+    MaskRule,
+    PolicyError,
+    PolicySet,
+    Rule,
+    load_file,
+    load_policies,
+    policy_files,
+)
 from addons.policycases import (
     KIND_PROTOCOL,
     TEST_ISSUER,
@@ -175,11 +183,12 @@ def cmd_check(cfg: ToolConfig, out: Console) -> int:
         err = Table(title="errors", title_justify="left", title_style="bold red")
         for col in ("file", "line", "rule / test", "error"):
             err.add_column(col, overflow="fold")
-        for e in errors:
-            err.add_row(t(e.file), t(e.line or ""), t(e.rule_id or ""), t(e.message, "red"))
+        for problem in errors:
+            err.add_row(t(problem.file), t(problem.line or ""), t(problem.rule_id or ""),
+                        t(problem.message, "red"))
         out.print(err)
-        for e in errors:  # one grep-able line each, never wrapped
-            out.print(t(f"error: {e}", "red"), soft_wrap=True)
+        for problem in errors:  # one grep-able line each, never wrapped
+            out.print(t(f"error: {problem}", "red"), soft_wrap=True)
         out.print(t(f"{len(errors)} error(s) in {len(bad_files)} file(s)", "bold red"))
         return EXIT_FAIL
     out.print(t(f"OK: {len(policy.files)} file(s), {len(policy.rules)} rule(s), "
@@ -301,9 +310,10 @@ def _explain_tables(policy: PolicySet, identity: Identity, got: Outcome, out: Co
     masks = Table(title="masks that would apply", title_justify="left")
     for col in ("mask", "strategy", "json_paths", "columns", "detectors", "where"):
         masks.add_column(col, overflow="fold")
-    for m in got.masks:
-        masks.add_row(t(m.id), t(m.strategy), t(", ".join(m.json_paths)), t(", ".join(m.columns)),
-                      t(", ".join(m.detectors)), t(where(m.file, m.line)))
+    for mask in got.masks:
+        masks.add_row(t(mask.id), t(mask.strategy), t(", ".join(mask.json_paths)),
+                      t(", ".join(mask.columns)), t(", ".join(mask.detectors)),
+                      t(where(mask.file, mask.line)))
     out.print(masks if got.masks else t("masks that would apply: none"))
 
 
@@ -320,11 +330,12 @@ def _details(op: Operation) -> str:
 
 
 def _targets_named_in(policy: PolicySet) -> set[str]:
-    names = set()
-    for item in [*policy.rules, *policy.masks]:
+    names: set[str] = set()
+    items: list[Rule | MaskRule] = [*policy.rules, *policy.masks]
+    for item in items:
         for cond in (item.when, item.unless or {}):
             names.update(x for x in cond.get("targets", []) if not any(c in x for c in "*?["))
-    names.update(x.request.get("target") for x in policy.tests if x.request.get("target"))
+    names.update(target for x in policy.tests if (target := x.request.get("target")))
     return names
 
 

@@ -9,7 +9,7 @@ columns, and anything uncertain yields None so the gateway masks conservatively.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import sqlglot
 from sqlglot import exp
@@ -116,13 +116,18 @@ def _expand_views(expr: Any, views: dict[str, str]) -> Any:
     raise ValueError("views nested too deeply")
 
 
+def _qualify(expr: Any, schema: dict[str, dict[str, str]] | None, qualify_columns: bool) -> Any:
+    # sqlglot types `schema` as dict[str, object]; ours is the narrower {table: {column: type}}.
+    return qualify(expr.copy(), dialect="postgres", schema=cast("dict[str, object] | None", schema),
+                   qualify_columns=qualify_columns, validate_qualify_columns=False,
+                   quote_identifiers=False, identify=False)
+
+
 def _query_sources(expr: Any, schema: dict[str, dict[str, str]] | None) -> list[set[str]] | None:
-    opts = {"dialect": "postgres", "schema": schema, "validate_qualify_columns": False,
-            "quote_identifiers": False, "identify": False}
     try:
-        qualified = qualify(expr.copy(), **opts)
+        qualified = _qualify(expr, schema, qualify_columns=True)
     except Exception:  # e.g. a column it cannot place without a schema: do the placing here
-        qualified = qualify(expr.copy(), qualify_columns=False, **opts)
+        qualified = _qualify(expr, schema, qualify_columns=False)
     root = build_scope(qualified)
     if root is None:
         return None

@@ -9,6 +9,7 @@ code and only touches presentation: the refusal itself is mitmproxy's.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 ERRORS = {502: "upstream_failure", 504: "upstream_timeout", 400: "bad_request"}
 
@@ -48,20 +49,25 @@ _HTML = (b"content-type", b"text/html")
 _JSON = (b"content-type", b"application/json")
 
 
-def _label_error_headers_json(cls: type, server: bytes) -> None:
+def _label_error_headers_json(cls: Any, server: bytes) -> None:
     """HTTP/2 and HTTP/3 error answers are sent as exactly `:status`, `server: mitmproxy <v>`,
     `content-type: text/html` (the body is ours, JSON). Relabel that one header list; any other
-    response's headers pass untouched."""
+    response's headers pass untouched.
+
+    `cls` is typed Any on purpose: we replace a method of a mitmproxy (h2/aioquic-derived) class
+    whose signature mypy would otherwise hold us to."""
     if getattr(cls.send_headers, "_portcullis", False):
         return
     original = cls.send_headers
 
-    def send_headers(self: object, stream_id: int, headers: list, *args: object,  # type: ignore[type-arg]
+    def send_headers(self: object, stream_id: int, headers: list, *args: object,
                      **kwargs: object) -> object:
         if (isinstance(headers, list) and len(headers) == 3 and headers[2] == _HTML
                 and headers[1] == (b"server", server) and headers[0][0] == b":status"):
             headers = [headers[0], headers[1], _JSON]
         return original(self, stream_id, headers, *args, **kwargs)
 
+    # A marker on the replacement so a second install() does not wrap it twice; functions carry
+    # no declared attributes, hence the ignore.
     send_headers._portcullis = True  # type: ignore[attr-defined]
-    cls.send_headers = send_headers  # type: ignore[method-assign]
+    cls.send_headers = send_headers

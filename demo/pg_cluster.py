@@ -123,7 +123,7 @@ class PgCluster:
         self.started = False
 
     # -- process helpers
-    def _run(self, *args: str, check: bool = True, timeout: float = 60) -> str:
+    def _run(self, *args: str | Path, check: bool = True, timeout: float = 60) -> str:
         cmd = [str(a) for a in args]
         if self.as_nobody:
             cmd = ["runuser", "-u", "nobody", "--", *cmd]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from proxy_db.messages import (
     CopyData,
@@ -463,7 +463,14 @@ class FunctionCallResponse(Message):
         return cls(v)
 
 
-BACKEND: dict[bytes, type] = {
+class BackendDecoder(Protocol):
+    """What BACKEND maps a type byte to: a message class (or `Authentication`) whose
+    `decode(body)` builds the message."""
+
+    def decode(self, body: bytes, /) -> Message: ...
+
+
+BACKEND: dict[bytes, BackendDecoder] = {
     m.type: m
     for m in (Authentication, ParameterStatus, BackendKeyData, ReadyForQuery,
               NegotiateProtocolVersion, RowDescription, DataRow, CommandComplete, ErrorResponse,

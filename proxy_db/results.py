@@ -26,14 +26,10 @@ from addons import masking
 from addons import sql as sqlmod
 from addons.model import Operation
 from addons.policy import glob_match, matching_masks
+from addons.sql_lineage import output_column_sources
 from proxy_db.backend import DataRow, FieldDescription, RowDescription
 from proxy_db.catalog import CatalogCache, Relation
 from proxy_db.messages import CopyData, ProtocolError
-
-try:  # lineage moved into its own module; older trees keep it in addons.sql
-    from addons.sql_lineage import output_column_sources
-except ImportError:  # pragma: no cover
-    from addons.sql import output_column_sources  # type: ignore[no-redef]
 
 PASS = object()  # sentinel: rows go through untouched
 _VIEW_KINDS = ("v", "m")

@@ -399,3 +399,20 @@ def test_ids_are_unique_and_times_match_isoformat() -> None:
     for ts in (0.0, 1_700_000_000.0005, 1_700_000_000.999, 1_700_000_001.0, 2e9 + 0.123456):
         want = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
         assert audit_mod._iso(ts) == want.replace("+00:00", "Z")
+
+
+def test_verify_rejects_a_record_without_an_id(tmp_path: Path) -> None:
+    """Even with a valid chain: an id-less decision would let an outcome without a
+    decision_id pass as referring to a known decision."""
+    path = tmp_path / "audit.jsonl"
+    prev = GENESIS
+    out = []
+    for body in ({"type": "decision", "decision": "allow"},
+                 {"type": "outcome", "outcome": {"status": 200}}):
+        rec = {**body, "prev_hash": prev}
+        rec["hash"] = record_hash(rec)
+        prev = rec["hash"]
+        out.append(json.dumps(rec))
+    path.write_text("\n".join(out) + "\n")
+    res = verify_file(path)
+    assert not res.ok and res.bad_line == 1 and "without an id" in res.message
