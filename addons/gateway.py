@@ -16,7 +16,7 @@ RELOAD_INTERVAL = 0.5
 LOG_FLUSH_INTERVAL = 0.1
 
 
-class DecisionLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class DecisionLogHandler(logging.StreamHandler):
     """stdout handler that does not flush after every per-request decision line (one write
     system call per statement is a large share of a Postgres statement's cost): those lines are
     flushed by `flush_logs()` every LOG_FLUSH_INTERVAL, or by the next other line. Everything
@@ -201,6 +201,12 @@ async def run(config: GatewayConfig, runtime: Runtime, web: bool = False) -> int
         flusher.cancel()
         for s in servers:
             s.close()
+            pg = getattr(s, "portcullis_gateway", None)
+            if pg is not None:
+                try:  # ends open Postgres sessions: their last recording segments are written
+                    pg.close()
+                except Exception:  # noqa: BLE001 - keep stopping
+                    log.exception("postgres gateway did not close cleanly")
         try:
             runtime.audit.flush()
         except Exception:  # noqa: BLE001 - AuditLog.close() reports what it cannot write

@@ -35,8 +35,8 @@ _RFQ_BYTES = {s: ReadyForQuery(s).encode() for s in (b"I", b"T", b"E")}
 
 
 def write_outcome(audit: Any, args: tuple[Any, ...], defer: bool = False) -> None:
-    """`defer=True`: chain the line now and let the server write it with the next audit write
-    or its end-of-iteration flush (the statement has already run either way)."""
+    """`defer=True`: chain the line now; the server writes every chained line in one write
+    before the answer goes to the client (the statement has already run either way)."""
     try:
         if defer:
             audit.outcome(*args, defer=True)
@@ -158,8 +158,11 @@ class Answers:
 
     def _drain(self) -> None:
         q = self.queue
-        while q and isinstance(q[0], Local):
-            item = q.popleft()
+        while q:
+            item = q[0]
+            if not isinstance(item, Local):
+                break
+            q.popleft()
             self.s.send_client(_RFQ_BYTES[self.txn] if item.data is None else item.data)
 
     def _complete(self) -> Pending:

@@ -138,7 +138,6 @@ class Gateway:
         self.tls: ssl.SSLContext | None = None
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._flush_scheduled = False
         # Session recordings (SPEC §7), rendered and written off the loop; None: not recorded
         self.recordings = recording.writer_for(runtime)
 
@@ -185,19 +184,11 @@ class Gateway:
             log.warning("cancel forwarding to %s failed: %s", target.name, e)
 
     def audit_written(self) -> None:
-        """Deferred outcome lines are written once per event-loop iteration, together (or
-        sooner, with the next decision line of any session)."""
-        if not self._flush_scheduled and self.runtime.audit.pending:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # shutting down outside the loop: write now
-                self._flush_audit()
-                return
-            self._flush_scheduled = True
-            loop.call_soon(self._flush_audit)
+        """Write the outcome lines chained since the last write (one `write()` for all)."""
+        if self.runtime.audit.pending:
+            self._flush_audit()
 
     def _flush_audit(self) -> None:
-        self._flush_scheduled = False
         try:
             self.runtime.audit.flush()
         except Exception:  # noqa: BLE001 - kept pending; the next decision write retries first
@@ -218,8 +209,8 @@ class Gateway:
     def close(self) -> None:
         for c in list(self.connections):
             c.close_all()
-        for c in self.catalog_conns.values():
-            c.close()
+        for catalog in self.catalog_conns.values():
+            catalog.close()
         self._flush_audit()
         if self.recordings is not None:
             self.recordings.close()  # waits until every session's last segment is written
@@ -316,15 +307,19 @@ class Connection(asyncio.Protocol):
             self.session.refuse(PortcullisError("internal error"), "portcullis: internal error")
 
     def pump(self) -> None:
-        """Write what the session produced and start the actions it asked for."""
+        """Write what the session produced and start the actions it asked for.
+
+        Order: the upstream bytes first (their decision lines are already on disk); then the
+        outcome lines of the answers about to leave, in one audit write, so a client never
+        sees an answer whose outcome is not on disk yet; then the client bytes."""
         assert self.session is not None
         to_client, to_upstream, actions = self.session.take()
-        if to_client and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(to_client)
         if to_upstream and self.up is not None and not self.up.is_closing():
             self.up.write(to_upstream)
         self.session.run_deferred()
         self.gw.audit_written()
+        if to_client and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(to_client)
         for action in actions:
             self.perform(action)
 

@@ -152,8 +152,8 @@ class Env:
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
     limits: Limits = DEFAULT_LIMITS
-    # Outcome lines chained by `run_deferred()` after the I/O and written with the next audit
-    # write or the server's end-of-iteration `AuditLog.flush()`.
+    # Outcome lines chained by `run_deferred()` after the upstream write; the server writes them
+    # (`AuditLog.flush()`, one write for all) before the answer goes to the client.
     defer_outcomes: bool = False
     # addons.approvals.ApprovalStore: `review` statements are held for approval (None: refused)
     approvals: Any = None
@@ -204,8 +204,9 @@ class Session:
         return c, u, a
 
     def run_deferred(self) -> None:
-        """Write deferred audit outcome lines and decision log lines (after the server sent
-        this round's bytes), in the order they were deferred."""
+        """Chain deferred audit outcome lines and write decision log lines, in the order they
+        were deferred (the server calls this after sending this round's upstream bytes and
+        writes the chained lines before it sends the client's)."""
         if self.deferred:
             from proxy_db.answers import write_outcome
 

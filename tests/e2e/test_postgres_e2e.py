@@ -185,3 +185,13 @@ def test_sigterm_loses_no_audit_line_and_no_decision_line(gw: Any) -> None:
                          timeout=30)
     assert res.returncode == 0, res.stdout + res.stderr
     assert gw.stdout.count(" ALLOW SELECT") >= n
+    # the session was still open: its recording was finished and written at shutdown
+    from mitmproxy import io as mio
+
+    texts = []
+    for f in sorted((gw.state_dir / "recordings").glob("*.mitm")):
+        with f.open("rb") as fh:
+            for flow in mio.FlowReader(fh).stream():
+                if flow.type == "tcp":
+                    texts += [m.content.decode("utf-8", "replace") for m in flow.messages]
+    assert sum("SELECT" in t for t in texts) >= n, texts[:5]
