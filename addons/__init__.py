@@ -32,6 +32,9 @@ def make_addons(runtime: Any) -> list[Any]:
     masking_addon = getattr(masking, "Masking", None)
     if masking_addon is not None:
         chain.append(masking_addon(runtime))
+    from addons.exec_masking import ExecOutputMasking
+
+    chain.append(ExecOutputMasking(runtime))
     chain.append(AuditAddon(runtime.audit))
     chain.append(getattr(runtime, "recorder", None) or Recorder(runtime.config.recordings_dir))
     return chain

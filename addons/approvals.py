@@ -214,7 +214,9 @@ class ApprovalsAddon:
                 self._proceed(flow, None)
                 return
             op = review_ops[0] if review_ops else ops[0]
-            approval = self.store.create(identity, op, op.to_json(), decision)
+            from addons.audit import operation_record
+
+            approval = self.store.create(identity, op, operation_record(op), decision)
             flow.metadata[flows.APPROVAL] = approval.id
             if self.webhook_url:
                 notify_webhook(self.webhook_url, approval)

@@ -282,9 +282,12 @@ def verify_file(path: str | Path) -> VerifyResult:
                                     "record (line deleted, inserted or reordered)")
             if not _hash_matches(rec):
                 return VerifyResult(False, count, n, "hash mismatch (record edited)")
+            rid = rec.get("id")
+            if not isinstance(rid, str) or not rid:
+                return VerifyResult(False, count, n, "record without an id")
             if rec.get("type") == "outcome" and rec.get("decision_id") not in ids:
                 return VerifyResult(False, count, n, "outcome refers to an unknown decision")
-            ids.add(rec.get("id"))
+            ids.add(rid)
             prev = rec["hash"]
             count += 1
     return VerifyResult(True, count)
@@ -294,15 +297,30 @@ def verify_file(path: str | Path) -> VerifyResult:
 # mitmproxy adapter
 
 
+def operation_record(op: Any) -> dict[str, Any]:
+    """`op.to_json()` with detector hits redacted in its free-text fields (summary, HTTP path,
+    exec/attach command), for the audit log and the approvals store: nothing the gateway writes
+    holds such a value (SPEC §7). The operation itself is not modified."""
+    from addons import masking
+
+    rec = op.to_json()
+    rec["summary"] = masking.scrub(rec.get("summary") or "")
+    if op.http and op.http.get("path"):
+        rec["http"] = {**op.http, "path": masking.scrub(op.http["path"])}
+    if op.kubernetes and op.kubernetes.get("command"):
+        rec["kubernetes"] = {**op.kubernetes, "command": masking.scrub(op.kubernetes["command"])}
+    return rec
+
+
 def _http_operation_record(flow: Any) -> dict[str, Any]:
     from addons import flows, masking
 
     ops = flow.metadata.get(flows.OPERATIONS)
     if ops:
         if len(ops) == 1:
-            rec = ops[0].to_json()
+            rec = operation_record(ops[0])
         else:
-            rec = {"operations": [o.to_json() for o in ops],
+            rec = {"operations": [operation_record(o) for o in ops],
                    "summary": "; ".join(o.summary for o in ops)}
     else:
         req = flow.request
@@ -399,6 +417,8 @@ class AuditAddon:
 
         if flow.response is None:
             return
+        if flow.response.status_code == 101 and getattr(flow, "websocket", None) is not None:
+            return  # a WebSocket: its outcome (with what was masked in it) at websocket_end
         if not self._outcome(flow, {"status": flow.response.status_code}) and (
                 not flow.response.stream):
             # The answer has not left the gateway yet: an unaudited answer is not delivered.

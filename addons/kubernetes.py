@@ -402,6 +402,16 @@ def decode_channel_frame(data: bytes | str, protocol: str) -> tuple[int, bytes]:
 
 
 
+def encode_channel_frame(channel: int, payload: bytes, protocol: str) -> bytes:
+    """The inverse of `decode_channel_frame` (the message content as bytes)."""
+    protocol = (protocol or "").strip()
+    if protocol in BASE64_PROTOCOLS:
+        return str(channel).encode() + base64.b64encode(payload)
+    if protocol in CHANNEL_PROTOCOLS or protocol.endswith("portforward.k8s.io"):
+        return bytes([channel]) + payload
+    raise ValueError(f"unknown channel protocol {protocol!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Policy-test shorthand (SPEC §4 `tests:`): "list pods -n team-a", "exec pods/x -n ns -- ls -la",
 # "get deployments.apps/web -n a", "delete pod x -n a", "get /version".
