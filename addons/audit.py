@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,8 @@ class AuditLog:
             "operation": operation,
             "decision": eff,
             "rules": list(rules if rules is not None else (decision.rules if decision else [])),
-            "reason": reason if reason is not None else (decision.reason if decision else None),
+            "reason": _scrubbed_reason(
+                reason if reason is not None else (decision.reason if decision else None)),
             "approval": approval,
         }
         self.write(rec)
@@ -224,6 +226,18 @@ class AuditLog:
             "duration_ms": round(duration_ms, 3) if duration_ms is not None else None,
         }, defer=defer)
         return rid
+
+
+@lru_cache(maxsize=1024)
+def _scrubbed_reason(reason: str | None) -> str | None:
+    """Refusal reasons can quote what the client sent (a Kubernetes fieldSelector, a path):
+    detector hits in them are redacted like the operation summary. Most reasons are a
+    rule's fixed text, hence the cache."""
+    if not reason:
+        return reason
+    from addons import masking
+
+    return masking.scrub(reason)
 
 
 def _last_line(path: Path) -> str:

@@ -652,6 +652,16 @@ def cache_key(sql: str) -> str:
     return "sql:" + digest.hexdigest()
 
 
+# libpg_query quotes the token where parsing failed ('syntax error at or near "'4111…'" at
+# position 10'); that token may be a literal value, and the message goes into the audit log.
+_NEAR_TOKEN = re.compile(r' at or near ".*"(?=( at position \d+)?$)', re.DOTALL)
+
+
+def parse_error_message(message: str) -> str:
+    """A parser error without the offending token (its position is kept)."""
+    return _NEAR_TOKEN.sub("", message)
+
+
 def _parse(sql: str) -> list[dict[str, Any]]:
     if not isinstance(sql, str):
         raise SqlError("statement text must be a string")
@@ -662,7 +672,11 @@ def _parse(sql: str) -> list[dict[str, Any]]:
     try:
         return pgparse.parse(sql)
     except pgparse.PGQueryError as exc:
-        raise SqlError(str(exc.args[0]) if exc.args else "syntax error") from None
+        message = parse_error_message(str(exc.args[0])) if exc.args else "syntax error"
+        position = getattr(exc, "position", None)
+        if isinstance(position, int) and position > 0:
+            message += f" at position {position}"
+        raise SqlError(message) from None
     except RecursionError:
         raise SqlError("statement nested too deeply") from None
     except Exception as exc:  # e.g. UnicodeEncodeError on lone surrogates

@@ -416,3 +416,14 @@ def test_verify_rejects_a_record_without_an_id(tmp_path: Path) -> None:
     path.write_text("\n".join(out) + "\n")
     res = verify_file(path)
     assert not res.ok and res.bad_line == 1 and "without an id" in res.message
+
+
+def test_detector_hits_in_a_refusal_reason_are_redacted(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, clock=Clock())
+    log.decision(protocol="kubernetes", target="k8s", client="c", identity=ALICE,
+                 operation=op(), decision=None, effect="deny", rules=["bad_request"],
+                 reason="unparseable fieldSelector 'metadata.name=ada@example.com'")
+    rec = lines(path)[-1]
+    assert rec["reason"] == "unparseable fieldSelector 'metadata.name=[MASKED:email]'"
+    assert "ada@example.com" not in path.read_text()

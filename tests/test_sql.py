@@ -163,9 +163,22 @@ def test_insert_and_update_target_columns() -> None:
 
 
 def test_unparseable_raises_sql_error_with_parser_message() -> None:
-    with pytest.raises(S.SqlError, match='syntax error at or near "SELEC"'):
+    with pytest.raises(S.SqlError, match="^syntax error at position 1$"):
         S.classify("SELEC 1")
     assert issubclass(S.SqlError, ValueError)
+
+
+@pytest.mark.parametrize("sql", ["SELECT 1 '4111111111111111'",
+                                 "INSERT INTO t VALUES ('ada@example.com' 'x')",
+                                 "SELECT $$123-45-6789$$ $$x$$"])
+def test_parser_error_never_quotes_the_offending_token(sql: str) -> None:
+    """The message becomes the audit record's reason: a literal must not reach it."""
+    with pytest.raises(S.SqlError) as exc:
+        S.classify(sql)
+    msg = str(exc.value)
+    assert msg.startswith("syntax error") and "at position" in msg
+    for literal in ("4111111111111111", "ada@example.com", "123-45-6789", "'x'", "$$x$$"):
+        assert literal not in msg
 
 
 @pytest.mark.parametrize("text", [

@@ -323,3 +323,16 @@ masks:
     msgs = decode_all(s.take()[0])
     assert [type(m) for m in msgs] == [be.ParseComplete, be.BindComplete, be.DataRow,
                                        be.CommandComplete, be.ReadyForQuery]
+
+
+def test_unparseable_statement_leaves_no_literal_in_the_audit_log(tmp_path: Path) -> None:
+    s, env = ready_session(tmp_path)
+    s.client_data(fe.Query("SELECT 1 '4111111111111111'").encode())
+    _, u, _ = s.take()
+    assert decode_frontend(u) == [fe.Query(_POISON_SQL)]
+    s.upstream_data(POISON_ERROR + be.ReadyForQuery(b"I").encode())
+    err = decode_all(s.take()[0])[0]
+    assert err.sqlstate == "42501" and "unparseable-sql" in err.get("M")
+    text = Path(env.audit.path).read_text()
+    assert "4111111111111111" not in text
+    assert audit_lines(env)[-1]["reason"].startswith("statement cannot be classified (syntax")
