@@ -436,7 +436,7 @@ class Answers:
         args = (ex.audit_id, outcome, masked, (self.env.monotonic() - ex.started) * 1000)
         ex.audit_id = None
         if self.env.defer_outcomes:
-            # The server writes outcome lines after the answer is on its way to the client.
+            # The server chains it after sending upstream and writes it before the answer.
             self.s.deferred.append(args)
         else:
             write_outcome(self.env.audit, args)
