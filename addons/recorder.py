@@ -6,7 +6,7 @@ Each finished flow is copied, stripped of everything secret, and appended to
   `Proxy-Authorization`, `Cookie` and the target's credential header are replaced by a marker;
 - request bodies and WebSocket messages are passed through `masking.scrub` (detector hits
   redacted); responses are recorded as the agent received them (already masked);
-- the query string is scrubbed too.
+- the path and the query string are scrubbed too.
 A recording failure is logged and counted, never fatal to the request (the audit line, written
 before forwarding, is the record of the decision).
 """
@@ -109,8 +109,9 @@ class Recorder:
         sanitise_headers(copy.request.headers, extra)
         copy.request.content = scrub_bytes(copy.request.raw_content and copy.request.content)
         path, sep, query = copy.request.path.partition("?")
-        if sep:
-            copy.request.path = path + "?" + masking.scrub(query)
+        clean = masking.scrub(path) + (sep + masking.scrub(query) if sep else "")
+        if clean != copy.request.path:
+            copy.request.path = clean
         if copy.response is not None:
             sanitise_headers(copy.response.headers, set())
         ws = getattr(copy, "websocket", None)

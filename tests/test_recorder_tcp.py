@@ -89,3 +89,22 @@ def test_a_recording_failure_is_counted_not_raised(tmp_path: Path) -> None:
     assert rec.record_tcp(("127.0.0.1", 1), ("127.0.0.1", 2), [(True, b"x", 1.0)], {}) is False
     assert rec.failures == 1
     assert REGISTRY.get_sample_value("portcullis_recording_failures_total") == before + 1
+
+
+def test_http_recording_scrubs_path_query_and_body(tmp_path: Path) -> None:
+    """Detector hits in the request line and body never reach a recording (the audit summary
+    is scrubbed the same way); the response is recorded as the agent got it."""
+    rec = Recorder(tmp_path)
+    flow = tflow.tflow(resp=True)
+    flow.request.path = "/v1/users/ada@example.com/cards?number=4111111111111111&x=1"
+    flow.request.content = b'{"card": "4111111111111111"}'
+    flow.request.headers["authorization"] = "Bearer agent-secret-token"
+    rec.record(flow)
+    (got,) = read_flows(tmp_path)
+    assert got.request.path == ("/v1/users/[MASKED:email]/cards?"
+                                "number=[MASKED:credit_card]&x=1")
+    assert b"4111111111111111" not in got.request.content
+    assert got.request.headers["authorization"] == "[removed by portcullis]"
+    raw = next(tmp_path.glob("portcullis-*.mitm")).read_bytes()
+    for secret in (b"ada@example.com", b"4111111111111111", b"agent-secret-token"):
+        assert secret not in raw
