@@ -9,6 +9,7 @@ code and only touches presentation: the refusal itself is mitmproxy's.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 ERRORS = {502: "upstream_failure", 504: "upstream_timeout", 400: "bad_request"}
@@ -33,15 +34,19 @@ def install() -> None:
 
     _http1.make_error_response = make_error_response
     _http2.format_error = json_error
-    from mitmproxy.proxy.layers.http import _http_h2
+    try:  # presentation only: a mitmproxy without these internals keeps its text/html label
+        from mitmproxy.proxy.layers.http import _http_h2
 
-    _label_error_headers_json(_http_h2.BufferedH2Connection, version.MITMPROXY.encode())
+        _label_error_headers_json(_http_h2.BufferedH2Connection, version.MITMPROXY.encode())
+    except (ImportError, AttributeError) as e:  # pragma: no cover - other mitmproxy versions
+        logging.getLogger("portcullis").warning("HTTP/2 error answers keep mitmproxy's "
+                                                "content-type label: %s", e)
     try:
         from mitmproxy.proxy.layers.http import _http3, _http_h3
 
         _http3.format_error = json_error
         _label_error_headers_json(_http_h3.LayeredH3Connection, version.MITMPROXY.encode())
-    except ImportError:  # pragma: no cover - HTTP/3 layer absent in some builds
+    except (ImportError, AttributeError):  # pragma: no cover - HTTP/3 layer absent or moved
         pass
 
 
