@@ -123,7 +123,7 @@ def best_of(fns: dict[str, Callable[[object], object]], docs: list[object], roun
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=20, help="documents per kind (default 20)")
-    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
+    ap.add_argument("--rounds", type=int, default=40, help="interleaved rounds (default 40)")
     ap.add_argument("--profile", choices=("users", "pods"),
                     help="profile the gateway pipeline on one kind of document instead")
     args = ap.parse_args(argv)
