@@ -12,11 +12,12 @@ from typing import Any
 
 
 def make_addons(runtime: Any) -> list[Any]:
-    from addons import masking
     from addons.approvals import ApprovalsAddon
     from addons.audit import AuditAddon
     from addons.credentials import CredentialsAddon
+    from addons.exec_masking import ExecOutputMasking
     from addons.identity import IdentityAddon
+    from addons.masking_http import Masking
     from addons.policy import PolicyAddon
     from addons.recorder import Recorder
     from addons.targets import Targets
@@ -29,11 +30,7 @@ def make_addons(runtime: Any) -> list[Any]:
                        runtime.config.approvals.webhook_url),
         CredentialsAddon(runtime.targets),
     ]
-    masking_addon = getattr(masking, "Masking", None)
-    if masking_addon is not None:
-        chain.append(masking_addon(runtime))
-    from addons.exec_masking import ExecOutputMasking
-
+    chain.append(Masking(runtime))
     chain.append(ExecOutputMasking(runtime))
     chain.append(AuditAddon(runtime.audit))
     chain.append(getattr(runtime, "recorder", None) or Recorder(runtime.config.recordings_dir))

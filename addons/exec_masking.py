@@ -54,7 +54,7 @@ def mask_frame(content: bytes, protocol: str, masks: list[Any], key: bytes
 
 
 class ExecOutputMasking:
-    """mitmproxy addon (after `masking.Masking`, before audit and recorder)."""
+    """mitmproxy addon (after `masking_http.Masking`, before audit and recorder)."""
 
     def __init__(self, runtime: Any = None, *, key: bytes | None = None) -> None:
         self.key = key if key is not None else getattr(runtime, "mask_key", b"") or b""

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addons import masking
+from addons import masking, masking_http
 from addons.masking import CompiledMask, MaskingError, compile_mask
 from addons.policy import MaskRule, PolicyError, load_policies
 
@@ -331,9 +331,9 @@ def test_load_hash_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_line_masker_text_chunks_and_pem_across_lines() -> None:
     stream = (b"start a@example.com\n-----BEGIN RSA PRIVATE KEY-----\nMIIEsecret\nQUJD\n"
               b"-----END RSA PRIVATE KEY----- tail 10.0.0.1\nlast line without newline")
-    whole = masking.LineMasker([det_mask()], KEY, json_lines=False)
+    whole = masking_http.LineMasker([det_mask()], KEY, json_lines=False)
     out = whole.feed(stream) + whole.close()
-    split = masking.LineMasker([det_mask()], KEY, json_lines=False)
+    split = masking_http.LineMasker([det_mask()], KEY, json_lines=False)
     pieces = b"".join(split.feed(stream[i:i + 1]) for i in range(len(stream))) + split.close()
     assert out == pieces
     assert b"MIIEsecret" not in out and b"QUJD" not in out and b"a@example" not in out
@@ -342,7 +342,7 @@ def test_line_masker_text_chunks_and_pem_across_lines() -> None:
 
 
 def test_line_masker_json_lines_and_limits() -> None:
-    lm = masking.LineMasker([det_mask()], KEY, json_lines=True, k8s=True)
+    lm = masking_http.LineMasker([det_mask()], KEY, json_lines=True, k8s=True)
     ev = json.dumps({"type": "ADDED", "object": _secret()}).encode()
     pod = json.dumps({"type": "MODIFIED", "object": {"kind": "Pod",
                                                      "status": {"podIP": "10.1.2.3"}}}).encode()
@@ -350,8 +350,8 @@ def test_line_masker_json_lines_and_limits() -> None:
     assert b"hunter2" not in out and b"aHVudGVyMg" not in out and b"10.1.2.3" not in out
     assert out.count(b"\n") == 2
     with pytest.raises(MaskingError):
-        masking.LineMasker([], KEY, json_lines=False, max_line=10).feed(b"x" * 11)
-    paths = masking.LineMasker([compile_mask(rule(json_paths=("$.a",)))], KEY, json_lines=True)
+        masking_http.LineMasker([], KEY, json_lines=False, max_line=10).feed(b"x" * 11)
+    paths = masking_http.LineMasker([compile_mask(rule(json_paths=("$.a",)))], KEY, json_lines=True)
     with pytest.raises(MaskingError):
         paths.feed(b"not json\n")
 
