@@ -408,12 +408,13 @@ class AuditAddon:
     def request(self, flow: Any) -> None:
         self._guarded(flow, proxy=False)
 
-    def _outcome(self, flow: Any, outcome: dict[str, Any]) -> bool:
-        """Write the outcome line; False when it could not be written."""
+    def _outcome(self, flow: Any, outcome: dict[str, Any], again: bool = False) -> bool:
+        """Write the outcome line (once per flow, or `again`); False when it could not be
+        written."""
         from addons import flows
 
         rid = flow.metadata.get(flows.AUDIT_ID)
-        if rid is None or flow.metadata.get("portcullis.outcome_written"):
+        if rid is None or (flow.metadata.get("portcullis.outcome_written") and not again):
             return True
         flow.metadata["portcullis.outcome_written"] = True
         started = flow.metadata.get(flows.STARTED)
@@ -431,8 +432,6 @@ class AuditAddon:
 
         if flow.response is None:
             return
-        if flow.response.status_code == 101 and getattr(flow, "websocket", None) is not None:
-            return  # a WebSocket: its outcome (with what was masked in it) at websocket_end
         if not self._outcome(flow, {"status": flow.response.status_code}) and (
                 not flow.response.stream):
             # The answer has not left the gateway yet: an unaudited answer is not delivered.
@@ -442,4 +441,9 @@ class AuditAddon:
         self._outcome(flow, {"error": str(flow.error.msg) if flow.error else "error"})
 
     def websocket_end(self, flow: Any) -> None:
-        self._outcome(flow, {"status": 101, "websocket": "closed"})
+        from addons import flows
+
+        # The upgrade's outcome (101) was written when the WebSocket opened; a session in which
+        # something was masked (exec output) gets a second outcome line saying what, at its end.
+        masked = (flow.metadata.get(flows.MASKED) or {}).get("count")
+        self._outcome(flow, {"status": 101, "websocket": "closed"}, again=bool(masked))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +90,20 @@ def test_python_client_exec_output_is_masked(env: Any) -> None:
     assert ["echo", "card", CARD, "mail", EMAIL] in api.execs  # the pod saw it
     # output without a hit passes unchanged
     assert exec_argv(gw, rport, token, ["ls", "/var/log"]) == "app.log\n"
-    outcomes = [r for r in _audit(gw) if r.get("type") == "outcome"
-                and (r.get("masked") or {}).get("count")]
-    assert outcomes and outcomes[-1]["masked"]["rules"] == ["exec-pii"]
+    recs = _audit(gw)
+    execs = [r["id"] for r in recs if r.get("type") == "decision"
+             and (r["operation"].get("kubernetes") or {}).get("subresource") == "exec"]
+    outcomes = [r for r in recs if r.get("type") == "outcome" and r["decision_id"] == execs[0]]
+    # the upgrade's outcome when the session opened, then what was masked when it ended
+    assert [o["outcome"] for o in outcomes][0] == {"status": 101}
+    for _ in range(50):  # websocket_end runs as the connection winds down
+        ends = [r for r in _audit(gw) if r.get("type") == "outcome"
+                and r["decision_id"] == execs[0] and (r.get("masked") or {}).get("count")]
+        if ends:
+            break
+        time.sleep(0.1)
+    assert ends and ends[-1]["masked"]["rules"] == ["exec-pii"]
+    assert ends[-1]["outcome"] == {"status": 101, "websocket": "closed"}
 
 
 def test_kubectl_exec_output_is_masked(env: Any, tmp_path: Path) -> None:
