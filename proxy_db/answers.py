@@ -38,10 +38,7 @@ def write_outcome(audit: Any, args: tuple[Any, ...], defer: bool = False) -> Non
     """`defer=True`: chain the line now; the server writes every chained line in one write
     before the answer goes to the client (the statement has already run either way)."""
     try:
-        if defer:
-            audit.outcome(*args, defer=True)
-        else:
-            audit.outcome(*args)
+        audit.outcome(*args, defer=defer)
     except Exception:  # noqa: BLE001 - the statement already ran; say so loudly
         log.error("audit outcome for %s could not be written", args[0])
 

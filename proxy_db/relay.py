@@ -23,6 +23,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from addons.identity import still_valid
@@ -189,8 +190,9 @@ class Relay(Answers):
         self._run_query(v, raw, q.sql, policy)
 
     def _run_query(self, v: Verdict, raw: bytes, sql: str, policy: Any) -> None:
-        ex = self._admit(v, sql, policy,
-                         hold=lambda av: self._run_query(av, raw, sql, policy))
+        # The resume callback is only built for a verdict that may be held (not per statement).
+        hold = None if v.allowed else (lambda av: self._run_query(av, raw, sql, policy))
+        ex = self._admit(v, sql, policy, hold=hold)
         if ex is None:
             return
         self._forward(raw, Pending("Q", ex))
@@ -320,12 +322,8 @@ class Relay(Answers):
 
     def _execute_admitted(self, v: Verdict, e: Execute, raw: bytes, sql: str, policy: Any,
                           stmt: str | None) -> None:
-        def approved(av: Verdict) -> None:
-            if stmt is not None and stmt in self.statements:
-                self.statements[stmt] = (av, sql)
-            self._execute_admitted(av, e, raw, sql, policy, stmt)
-
-        ex = self._admit(v, sql, policy, stmt, extended=True, hold=approved)
+        hold = None if v.allowed else partial(self._execute_approved, e, raw, sql, policy, stmt)
+        ex = self._admit(v, sql, policy, stmt, extended=True, hold=hold)
         if ex is None:
             return
         if ex.plan is None and not (e.portal in self.described_portals
@@ -334,6 +332,12 @@ class Relay(Answers):
             # ourselves (the answer is swallowed) so rows are never passed unmasked.
             self._forward(Describe(b"P", e.portal).encode(), Pending("DI", name=e.portal))
         self._forward(raw, Pending("E", ex, name=e.portal))
+
+    def _execute_approved(self, e: Execute, raw: bytes, sql: str, policy: Any,
+                          stmt: str | None, av: Verdict) -> None:
+        if stmt is not None and stmt in self.statements:
+            self.statements[stmt] = (av, sql)  # later executions of it are covered too
+        self._execute_admitted(av, e, raw, sql, policy, stmt)
 
     def _sync(self, raw: bytes) -> None:
         self.discarding = False
@@ -361,8 +365,8 @@ class Relay(Answers):
         self._function_admitted(v, raw, policy)
 
     def _function_admitted(self, v: Verdict, raw: bytes, policy: Any) -> None:
-        ex = self._admit(v, "", policy,
-                         hold=lambda av: self._function_admitted(av, raw, policy))
+        hold = None if v.allowed else (lambda av: self._function_admitted(av, raw, policy))
+        ex = self._admit(v, "", policy, hold=hold)
         if ex is None:
             return
         self._forward(raw, Pending("F", ex))
