@@ -8,7 +8,9 @@ import logging
 import sys
 from typing import Any
 
+from addons import decisionlog
 from addons.config import GatewayConfig
+from addons.decisionlog import DecisionLogHandler, flush_logs  # noqa: F401 - re-exported
 from addons.runtime import Runtime
 
 log = logging.getLogger("portcullis")
@@ -16,45 +18,8 @@ RELOAD_INTERVAL = 0.5
 LOG_FLUSH_INTERVAL = 0.1
 
 
-class DecisionLogHandler(logging.StreamHandler):
-    """stdout handler that does not flush after every per-request decision line (one write
-    system call per statement is a large share of a Postgres statement's cost): those lines are
-    flushed by `flush_logs()` every LOG_FLUSH_INTERVAL, or by the next other line. Everything
-    else (warnings, errors, other loggers) is flushed at once, as logging normally does."""
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self.dirty = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name == "portcullis.decisions" and record.levelno < logging.WARNING:
-            try:
-                self.stream.write(self.format(record) + self.terminator)
-                self.dirty = True
-            except Exception:  # noqa: BLE001 - as logging.StreamHandler does
-                self.handleError(record)
-            return
-        super().emit(record)
-        self.dirty = False
-
-    def flush(self) -> None:
-        self.dirty = False
-        super().flush()
-
-
 def setup_logging() -> None:
-    handler = DecisionLogHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("portcullis")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
-
-
-def flush_logs() -> None:
-    for h in logging.getLogger("portcullis").handlers:
-        if getattr(h, "dirty", False):
-            h.flush()
+    decisionlog.setup_logging(sys.stdout)
 
 
 async def _log_flush_loop() -> None:
@@ -121,6 +86,8 @@ def print_banner(config: GatewayConfig, runtime: Runtime) -> None:
         out.append("Portcullis: admin API on {}:{}".format(*config.listen_admin))
     out.append("Portcullis: agent environment:")
     out += ["  " + line for line in agent_exports(config, runtime)]
+    loop = type(asyncio.get_running_loop())
+    out.append(f"Portcullis: event loop: {loop.__module__.split('.')[0]}.{loop.__name__}")
     out.append(f"Portcullis ready (audit log: {config.audit_file})")
     print("\n".join(out), flush=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import ClassVar
 
 PROTOCOL_3_0 = 196608  # 3 << 16
@@ -133,6 +134,28 @@ def _read_formats(r: Reader) -> tuple[int, ...]:
     if any(c not in (0, 1) for c in codes):
         raise ProtocolError("format code must be 0 or 1")
     return codes
+
+
+@lru_cache(maxsize=64)
+def _formats_struct(n: int) -> struct.Struct:
+    return struct.Struct(f"!{n}h")
+
+
+def _skip_formats(body: bytes, pos: int, end: int) -> int:
+    """Position after a format-code list at `pos` (validated like `_read_formats`)."""
+    if pos + 2 > end:
+        raise ProtocolError("message truncated")
+    n = _I16.unpack_from(body, pos)[0]
+    if n < 0:
+        raise ProtocolError("negative count")
+    pos += 2
+    if pos + 2 * n > end:
+        raise ProtocolError("message truncated")
+    if n:
+        for c in _formats_struct(n).unpack_from(body, pos):
+            if c != 0 and c != 1:
+                raise ProtocolError("format code must be 0 or 1")
+    return pos + 2 * n
 
 
 def _no_nul(*names: str) -> None:
@@ -330,26 +353,46 @@ class Bind(Message):
     def peek(body: bytes) -> tuple[str, str, tuple[int, ...]]:
         """(portal, statement, result formats) without materialising the parameters: the
         relay needs only these, and Bind is on every prepared execution. Validates the same
-        framing as `decode`."""
-        r = Reader(body)
-        portal, statement = r.cstr(), r.cstr()
-        _read_formats(r)
-        n = r.count()
-        data, pos = r.data, r.pos
+        framing as `decode` (tests/proxy_db/test_messages.py checks they agree)."""
+        end = len(body)
+        e1 = body.find(b"\0")
+        e2 = body.find(b"\0", e1 + 1) if e1 >= 0 else -1
+        if e2 < 0:
+            raise ProtocolError("unterminated string")
+        try:
+            portal = body[:e1].decode("utf-8") if e1 else ""
+            statement = body[e1 + 1 : e2].decode("utf-8") if e2 > e1 + 1 else ""
+        except UnicodeDecodeError as e:
+            raise ProtocolError("string is not valid UTF-8") from e
+        pos = _skip_formats(body, e2 + 1, end)
+        if pos + 2 > end:
+            raise ProtocolError("message truncated")
+        n = _I16.unpack_from(body, pos)[0]
+        if n < 0:
+            raise ProtocolError("negative count")
+        pos += 2
+        unpack = _I32.unpack_from
         for _ in range(n):
-            if pos + 4 > len(data):
+            if pos + 4 > end:
                 raise ProtocolError("message truncated")
-            size = _I32.unpack_from(data, pos)[0]
+            size = unpack(body, pos)[0]
             pos += 4
             if size > 0:
                 pos += size
             elif size < -1:
                 raise ProtocolError("negative value length")
-        if pos > len(data):
+        if pos + 2 > end:
             raise ProtocolError("message truncated")
-        r.pos = pos
-        formats = _read_formats(r)
-        r.end()
+        nf = _I16.unpack_from(body, pos)[0]
+        if nf < 0:
+            raise ProtocolError("negative count")
+        if pos + 2 + 2 * nf != end:
+            raise ProtocolError("message truncated" if pos + 2 + 2 * nf > end
+                                else "trailing bytes in message")
+        formats = _formats_struct(nf).unpack_from(body, pos + 2) if nf else ()
+        for c in formats:
+            if c != 0 and c != 1:
+                raise ProtocolError("format code must be 0 or 1")
         return portal, statement, formats
 
     def result_format(self, column: int) -> int:

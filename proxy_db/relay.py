@@ -214,10 +214,17 @@ class Relay(Answers):
                          extended)
             return None
         try:
-            audit_id = self.env.audit.decision(
-                protocol="postgres", target=self.s.target.name, client=self.s.client,
-                identity=self.s.identity, operation=op, decision=v.decision,
-                approval=v.approval)
+            if v.approval is None:
+                # The same verdict, operation and identity on every execution of a statement:
+                # the line's fixed part is serialised once per session and verdict.
+                audit_id = self.env.audit.repeated_decision(
+                    protocol="postgres", target=self.s.target.name, client=self.s.client,
+                    identity=self.s.identity, operation=op, decision=v.decision)
+            else:
+                audit_id = self.env.audit.decision(
+                    protocol="postgres", target=self.s.target.name, client=self.s.client,
+                    identity=self.s.identity, operation=op, decision=v.decision,
+                    approval=v.approval)
         except Exception as e:  # noqa: BLE001 - unaudited means refused
             err2 = e if isinstance(e, AuditUnavailable) else AuditUnavailable("audit failed")
             log.error("audit write failed; refusing statement from %s", self.s.client)

@@ -16,6 +16,7 @@ import secrets
 import ssl
 from typing import Any
 
+from addons.decisionlog import DecisionLines
 from addons.identity import NeedsKeys
 from addons.model import AuthError
 from proxy_db import catalog as cat
@@ -140,6 +141,7 @@ class Gateway:
         self.tasks: set[asyncio.Task[Any]] = set()
         # Session recordings (SPEC §7), rendered and written off the loop; None: not recorded
         self.recordings = recording.writer_for(runtime)
+        self.decisions = DecisionLines()
 
     def env(self) -> Env:
         cfg = self.runtime.config
@@ -149,7 +151,7 @@ class Gateway:
                    require_tls=getattr(cfg, "postgres_tls", "prefer") == "require",
                    catalogs=self.catalogs, defer_outcomes=True,
                    approvals=getattr(self.runtime, "approvals", None),
-                   recorder=self.recordings)
+                   recorder=self.recordings, decisions=self.decisions)
 
     def new_cancel_key(self, target: Any, upstream_key: tuple[int, int]) -> tuple[int, int]:
         while True:
@@ -545,8 +547,25 @@ def _warm_up() -> None:
         pass
 
 
-async def serve(runtime: Any, host: str | None = None, port: int | None = None
-                ) -> asyncio.base_events.Server:
+class Listener:
+    """The listening socket and the gateway behind it (uvloop's Server takes no attributes)."""
+
+    def __init__(self, server: asyncio.Server, gateway: Gateway) -> None:
+        self.server = server
+        self.portcullis_gateway = gateway
+
+    @property
+    def sockets(self) -> Any:
+        return self.server.sockets
+
+    def close(self) -> None:
+        self.server.close()
+
+    async def wait_closed(self) -> None:
+        await self.server.wait_closed()
+
+
+async def serve(runtime: Any, host: str | None = None, port: int | None = None) -> Listener:
     """Start the Postgres listener (`runtime.config.listen_postgres` unless host/port given)."""
     gw = Gateway(runtime)
     try:
@@ -559,5 +578,4 @@ async def serve(runtime: Any, host: str | None = None, port: int | None = None
         host, port = runtime.config.listen_postgres
     _warm_up()
     server = await asyncio.get_running_loop().create_server(lambda: Connection(gw), host, port)
-    server.portcullis_gateway = gw  # type: ignore[attr-defined]  # for tests and metrics
-    return server
+    return Listener(server, gw)

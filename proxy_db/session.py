@@ -159,7 +159,8 @@ class Env:
     approvals: Any = None
     # recording.Segment sink (recording.SegmentWriter); None: the session is not recorded
     recorder: Callable[[Any], None] | None = None
-    decisions: logging.Logger = field(
+    # .info(msg, *args): the decisions logger, or addons.decisionlog.DecisionLines
+    decisions: Any = field(
         default_factory=lambda: logging.getLogger("portcullis.decisions"))
 
 

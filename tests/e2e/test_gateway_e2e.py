@@ -94,6 +94,8 @@ def test_startup_prints_ca_and_agent_exports(gw: Any) -> None:
     assert f"export HTTPS_PROXY=http://agent:$TOKEN@{listen}" in out
     assert f"export SSL_CERT_FILE={gw.ca}" in out
     assert f"export REQUESTS_CA_BUNDLE={gw.ca}" in out
+    # uvloop is a dependency: the gateway runs on it (Postgres data path CPU, docs/postgres.md)
+    assert "Portcullis: event loop: uvloop.Loop" in out
 
 
 def test_httpx_through_https_proxy(gw: Any, oidc: Any, echo_upstream: Any) -> None:

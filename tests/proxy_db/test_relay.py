@@ -336,3 +336,38 @@ def test_unparseable_statement_leaves_no_literal_in_the_audit_log(tmp_path: Path
     text = Path(env.audit.path).read_text()
     assert "4111111111111111" not in text
     assert audit_lines(env)[-1]["reason"].startswith("statement cannot be classified (syntax")
+
+
+def test_an_audit_log_that_cannot_be_written_refuses_every_statement(tmp_path: Path) -> None:
+    """Fail closed (SPEC §7): no decision line, no statement upstream; simple and extended
+    protocol alike, repeated executions included, and the session stays usable."""
+    s, env = ready_session(tmp_path)
+    sql = "SELECT name FROM customers WHERE id = $1"
+    s.client_data(fe.Parse("s1", sql).encode() + fe.Sync().encode())
+    s.take()
+    s.upstream_data(b"1\0\0\0\4" + be.ReadyForQuery(b"I").encode())
+    s.take()
+    run = (fe.Bind("", "s1", (), (b"1",), ()).encode() + fe.Execute("", 0).encode()
+           + fe.Sync().encode())
+    s.client_data(run)  # the first execution is audited: its template is cached now
+    _, u, _ = s.take()
+    assert u == run
+    s.upstream_data(b"2\0\0\0\4" + be.CommandComplete("SELECT 0").encode()
+                    + be.ReadyForQuery(b"I").encode())
+    s.take()
+    before = Path(env.audit.path).read_bytes()
+    env.audit.close()  # from now on every write fails
+    s.client_data(run)
+    c, u, _ = s.take()
+    assert [type(m) for m in decode_frontend(u)] == [fe.Bind, fe.Parse, fe.Sync]  # the stand-in
+    s.upstream_data(b"2\0\0\0\4" + POISON_ERROR + be.ReadyForQuery(b"I").encode())
+    msgs = decode_all(c + s.take()[0])
+    assert [e.sqlstate for e in errors(msgs)] == ["58030"]
+    assert msgs[-1] == be.ReadyForQuery(b"I")
+    s.client_data(fe.Query("SELECT name FROM customers WHERE id = 2").encode())
+    c, u, _ = s.take()
+    assert decode_frontend(u) == [fe.Query(_POISON_SQL)]
+    s.upstream_data(POISON_ERROR + be.ReadyForQuery(b"I").encode())
+    msgs = decode_all(c + s.take()[0])
+    assert [e.sqlstate for e in errors(msgs)] == ["58030"] and not s.closed
+    assert Path(env.audit.path).read_bytes() == before
