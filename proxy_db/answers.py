@@ -27,20 +27,11 @@ from proxy_db.catalog import CatalogCache, Relation
 from proxy_db.framing import MessageFramer
 from proxy_db.gate import Verdict
 from proxy_db.messages import ProtocolError
-from proxy_db.session import LookupRelations, pinned_ok
+from proxy_db.session import LookupRelations, pinned_ok, write_outcome
 
 log = logging.getLogger("portcullis.postgres")
 RFQ = None  # a Local whose data is RFQ is ReadyForQuery with the status current when it leaves
 _RFQ_BYTES = {s: ReadyForQuery(s).encode() for s in (b"I", b"T", b"E")}
-
-
-def write_outcome(audit: Any, args: tuple[Any, ...], defer: bool = False) -> None:
-    """`defer=True`: chain the line now; the server writes every chained line in one write
-    before the answer goes to the client (the statement has already run either way)."""
-    try:
-        audit.outcome(*args, defer=defer)
-    except Exception:  # noqa: BLE001 - the statement already ran; say so loudly
-        log.error("audit outcome for %s could not be written", args[0])
 
 
 class Pending:

@@ -164,6 +164,15 @@ class Env:
         default_factory=lambda: logging.getLogger("portcullis.decisions"))
 
 
+def write_outcome(audit: Any, args: tuple[Any, ...], defer: bool = False) -> None:
+    """`defer=True`: chain the line now; the server writes every chained line in one write
+    before the answer goes to the client (the statement has already run either way)."""
+    try:
+        audit.outcome(*args, defer=defer)
+    except Exception:  # noqa: BLE001 - the statement already ran; say so loudly
+        log.error("audit outcome for %s could not be written", args[0])
+
+
 def fatal(err: PortcullisError | ProtocolError, message: str | None = None) -> bytes:
     return ErrorResponse.make("FATAL", err.sqlstate, message or str(err)).encode()
 
@@ -209,8 +218,6 @@ class Session:
         were deferred (the server calls this after sending this round's upstream bytes and
         writes the chained lines before it sends the client's)."""
         if self.deferred:
-            from proxy_db.answers import write_outcome
-
             work, self.deferred = self.deferred, []
             for args in work:
                 if args[0] is LOG_LINE:
