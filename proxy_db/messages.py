@@ -141,21 +141,27 @@ def _formats_struct(n: int) -> struct.Struct:
     return struct.Struct(f"!{n}h")
 
 
-def _skip_formats(body: bytes, pos: int, end: int) -> int:
-    """Position after a format-code list at `pos` (validated like `_read_formats`)."""
+def _count_at(body: bytes, pos: int, end: int) -> int:
+    """A non-negative int16 count at `pos`."""
     if pos + 2 > end:
         raise ProtocolError("message truncated")
-    n = _I16.unpack_from(body, pos)[0]
+    n: int = _I16.unpack_from(body, pos)[0]
     if n < 0:
         raise ProtocolError("negative count")
+    return n
+
+
+def _formats_at(body: bytes, pos: int, end: int) -> tuple[tuple[int, ...], int]:
+    """A format-code list at `pos` and the position after it (validated like `_read_formats`)."""
+    n = _count_at(body, pos, end)
     pos += 2
     if pos + 2 * n > end:
         raise ProtocolError("message truncated")
-    if n:
-        for c in _formats_struct(n).unpack_from(body, pos):
-            if c != 0 and c != 1:
-                raise ProtocolError("format code must be 0 or 1")
-    return pos + 2 * n
+    codes: tuple[int, ...] = _formats_struct(n).unpack_from(body, pos) if n else ()
+    for c in codes:
+        if c != 0 and c != 1:
+            raise ProtocolError("format code must be 0 or 1")
+    return codes, pos + 2 * n
 
 
 def _no_nul(*names: str) -> None:
@@ -364,12 +370,8 @@ class Bind(Message):
             statement = body[e1 + 1 : e2].decode("utf-8") if e2 > e1 + 1 else ""
         except UnicodeDecodeError as e:
             raise ProtocolError("string is not valid UTF-8") from e
-        pos = _skip_formats(body, e2 + 1, end)
-        if pos + 2 > end:
-            raise ProtocolError("message truncated")
-        n = _I16.unpack_from(body, pos)[0]
-        if n < 0:
-            raise ProtocolError("negative count")
+        _, pos = _formats_at(body, e2 + 1, end)
+        n = _count_at(body, pos, end)
         pos += 2
         unpack = _I32.unpack_from
         for _ in range(n):
@@ -381,18 +383,9 @@ class Bind(Message):
                 pos += size
             elif size < -1:
                 raise ProtocolError("negative value length")
-        if pos + 2 > end:
-            raise ProtocolError("message truncated")
-        nf = _I16.unpack_from(body, pos)[0]
-        if nf < 0:
-            raise ProtocolError("negative count")
-        if pos + 2 + 2 * nf != end:
-            raise ProtocolError("message truncated" if pos + 2 + 2 * nf > end
-                                else "trailing bytes in message")
-        formats = _formats_struct(nf).unpack_from(body, pos + 2) if nf else ()
-        for c in formats:
-            if c != 0 and c != 1:
-                raise ProtocolError("format code must be 0 or 1")
+        formats, pos = _formats_at(body, pos, end)
+        if pos != end:
+            raise ProtocolError("trailing bytes in message")
         return portal, statement, formats
 
     def result_format(self, column: int) -> int:
