@@ -149,34 +149,29 @@ class Recorder:
     def record_tcp(self, client: tuple[str, int], server: tuple[str, int],
                    messages: list[tuple[bool, bytes, float]], metadata: dict[str, Any], *,
                    sockname: tuple[str, int] = ("", 0), comment: str = "",
-                   started: float | None = None, ended: float | None = None) -> bool:
+                   started: float | None = None, ended: float | None = None,
+                   scrubbed: bool = False) -> bool:
         """Append one TCP flow (a Postgres session segment) to the daily file. Messages are
         `(from_client, content, timestamp)`, already rendered; their text passes through
-        `masking.scrub` once more. Thread-safe; False (logged, counted) when it failed."""
-        from mitmproxy import connection, tcp
+        `masking.scrub` here unless the caller did exactly that already (`scrubbed=True`:
+        `proxy_db.recording.SegmentWriter`, which scrubs what repeats once). Encoded by
+        `addons.flowfile`: the record mitmproxy's FlowWriter would write for the same flow.
+        Thread-safe; False (logged, counted) when it failed."""
+        from addons import flowfile
 
         try:
             first = messages[0][2] if messages else time.time()
             start = min(first, started) if started is not None else first
             end = max(messages[-1][2] if messages else start, ended or start)
-            # Keyword arguments only: accepted by mitmproxy 11 and 12 alike.
-            client_conn = connection.Client(peername=(client[0], client[1]),
-                                            sockname=(sockname[0], sockname[1]),
-                                            timestamp_start=start)
-            client_conn.timestamp_end = end
-            server_conn = connection.Server(address=(server[0], server[1]))
-            server_conn.timestamp_start = server_conn.timestamp_tcp_setup = start
-            server_conn.timestamp_end = end
-            flow = tcp.TCPFlow(client_conn, server_conn)
-            flow.timestamp_created = start
-            contents = scrub_all([content for _, content, _ in messages])
-            flow.messages = [tcp.TCPMessage(fc, content, ts)
-                             for (fc, _, ts), content in zip(messages, contents, strict=True)]
-            flow.metadata = dict(metadata)
-            flow.comment = comment
+            if not scrubbed:
+                contents = scrub_all([content for _, content, _ in messages])
+                messages = [(fc, content, ts)
+                            for (fc, _, ts), content in zip(messages, contents, strict=True)]
+            record = flowfile.tcp_flow(client, server, sockname, start, end, messages, metadata,
+                                       comment)
             with self.lock:
-                fh, writer = self._writer()
-                writer.add(flow)
+                fh, _ = self._writer()
+                fh.write(record)
                 fh.flush()
             return True
         except Exception:  # noqa: BLE001 - never fatal; the audit lines already exist

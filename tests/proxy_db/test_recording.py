@@ -127,14 +127,19 @@ def test_a_huge_result_is_reduced_while_it_streams(tmp_path: Path) -> None:
     s.take()
     rd = be.RowDescription((be.FieldDescription("x"),)).encode()
     row = be.DataRow((b"v" * 1000,)).encode()
+    base = s.recording.held  # what the segment held before this answer
     s.upstream_data(rd)
     s.take()
     for _ in range(40):  # 40 chunks of 100 rows: ~4 MB through the session
         s.upstream_data(row * 100)
         s.take()
-        answer = s.recording._answer
-        assert answer.nbytes <= recording.COMPACT_BYTES + 100 * len(row)
-        assert answer.kept < 110 * len(row)
+        answer = s.recording.entries[-1][1]  # chunks as sent, an Answer once reduced
+        unread = answer.raw if isinstance(answer, recording.Answer) else answer
+        kept = answer.kept + len(answer.tail) if isinstance(answer, recording.Answer) else 0
+        assert sum(map(len, unread)) <= recording.COMPACT_BYTES + 100 * len(row)
+        assert kept < 110 * len(row)
+        assert s.recording.held == base + sum(map(len, unread)) + kept
+    assert isinstance(s.recording.entries[-1][1], recording.Answer)  # it was reduced
     s.upstream_data(be.CommandComplete("SELECT 4000").encode() + RFQ)
     s.close("done")
     lines = texts(segs[0])[2][1].splitlines()
